@@ -1,0 +1,173 @@
+"""The ``nnconv`` command line: the edge where errors become one ``Error:`` line.
+
+The library raises :class:`NnconvError`; this module prints it on stderr and
+exits 2.  Nothing else in nnconv prints or exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+
+import click
+
+from nnconv.formats import dtypes, registry, sharding
+from nnconv.formats.errors import NnconvError
+
+from .inspect import human_bytes
+
+EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
+FORMAT_NAMES = click.Choice(list(registry.ADAPTERS))
+
+
+def _fail(message: str) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+class _Group(click.Group):
+    """Turns every exception into one line and exit 2 (``NNCONV_DEBUG=1`` shows tracebacks)."""
+
+    def main(self, *args, **kwargs):
+        kwargs.setdefault("standalone_mode", False)
+        try:
+            result = super().main(*args, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            _fail("interrupted")
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message(), err=True)
+            sys.exit(EXIT_ERROR)
+        except click.ClickException as exc:
+            if exc.exit_code == 0:
+                sys.exit(0)
+            _fail(exc.format_message().replace("\n", " "))
+        except NnconvError as exc:
+            _fail(str(exc).replace("\n", " "))
+        except KeyboardInterrupt:
+            _fail("interrupted")
+        except Exception as exc:  # a bug or an unexpected library failure: still one line
+            if os.environ.get("NNCONV_DEBUG"):
+                traceback.print_exc()
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            _fail(f"unexpected {type(exc).__name__}: {detail} (set NNCONV_DEBUG=1 for details)")
+        sys.exit(result if isinstance(result, int) else EXIT_OK)
+
+
+def _size(ctx, param, value):
+    try:
+        return None if value is None else sharding.parse_size(value)
+    except NnconvError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nnconv")
+def cli() -> None:
+    """Convert model weights between PyTorch, safetensors and HDF5, losslessly."""
+
+
+@cli.command()
+@click.argument("src", type=click.Path(dir_okay=True, path_type=str))
+@click.argument("dst", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--from", "src_format", type=FORMAT_NAMES, help="Source format (else detected).")
+@click.option("--to", "dst_format", type=FORMAT_NAMES, help="Destination format (else from DST).")
+@click.option("--shard-size", callback=_size, help="Shard safetensors output, e.g. 5GB, 500MiB.")
+@click.option("--dtype", type=click.Choice(dtypes.CAST_TARGETS), help="Cast floating tensors.")
+@click.option("--compression", type=click.Choice(["gzip", "lzf"]), help="HDF5 compression.")
+@click.option("--force", is_flag=True, help="Replace an existing destination.")
+@click.option(
+    "--trust-pickle", is_flag=True, help="Allow pickles to run code (trusted files only)."
+)
+def convert(src, dst, src_format, dst_format, shard_size, dtype, compression, force, trust_pickle):
+    """Convert SRC into DST (format from --to, else from DST's extension)."""
+    from .convert import convert as run_convert
+
+    bar = _progress_bar()
+    try:
+        result = run_convert(
+            src,
+            dst,
+            src_format=src_format,
+            dst_format=dst_format,
+            dtype=dtype,
+            shard_size=shard_size,
+            compression=compression,
+            force=force,
+            trust_pickle=trust_pickle,
+            progress=bar.update if bar else None,
+        )
+    finally:
+        if bar:
+            bar.close()
+    cast = f", cast to {result.dtype}" if result.dtype else ""
+    aliases = f" (+{result.aliases} tied)" if result.aliases else ""
+    click.echo(
+        f"{result.source} ({result.source_format}) -> {result.destination} "
+        f"({result.destination_format}): {result.tensors} tensors{aliases}, "
+        f"{human_bytes(result.nbytes)}{cast}"
+    )
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--from", "src_format", type=FORMAT_NAMES, help="Format (else detected).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.option(
+    "--trust-pickle", is_flag=True, help="Allow pickles to run code (trusted files only)."
+)
+def inspect(file, src_format, as_json, trust_pickle):
+    """Show FILE's format, metadata, tensors and module tree."""
+    from .inspect import inspect as run_inspect
+
+    report = run_inspect(file, format=src_format, trust_pickle=trust_pickle)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    else:
+        click.echo(report.render())
+
+
+@cli.command()
+def formats() -> None:
+    """List the formats nnconv reads and writes."""
+    for adapter in registry.ADAPTERS.values():
+        mode = "read, write" if adapter.CAN_WRITE else "read"
+        click.echo(f"{adapter.NAME:<12} {mode:<12} {' '.join(adapter.EXTENSIONS)}")
+        click.echo(f"{'':<12} {adapter.DESCRIPTION}")
+        click.echo(f"{'':<12} keeps: {adapter.FEATURES}")
+
+
+class _Bar:
+    """A byte progress bar on stderr, shown only on a terminal."""
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._seen = 0
+
+    def update(self, done: int, total: int) -> None:
+        if self._bar is None:
+            self._bar = click.progressbar(
+                length=max(total, 1), label="converting", file=sys.stderr, show_pos=False
+            )
+            self._bar.__enter__()
+        self._bar.update(done - self._seen)
+        self._seen = done
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+
+def _progress_bar() -> _Bar | None:
+    return _Bar() if sys.stderr.isatty() else None
+
+
+def main() -> None:
+    """Console-script entry point."""
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # file-size limits become EFBIG errors
+    cli.main(prog_name="nnconv")

@@ -1,0 +1,28 @@
+"""nnconv.formats: the lower layer. Checkpoint model, errors, registry, pickle gate,
+one ``*_format.py`` adapter per format. Never imports ``nnconv.converter``."""
+
+from .checkpoint import Checkpoint, LazyTensor, cast, from_object, to_object
+from .errors import (
+    DestinationError,
+    FormatError,
+    LazyParameterError,
+    NnconvError,
+    UnsafePickleError,
+    UnsupportedError,
+    UsageError,
+)
+
+__all__ = [
+    "Checkpoint",
+    "DestinationError",
+    "FormatError",
+    "LazyParameterError",
+    "LazyTensor",
+    "NnconvError",
+    "UnsafePickleError",
+    "UnsupportedError",
+    "UsageError",
+    "cast",
+    "from_object",
+    "to_object",
+]

@@ -1,0 +1,320 @@
+"""The checkpoint model every adapter reads into and writes from.
+
+A :class:`Checkpoint` is an ordered mapping of *canonical* tensor names to
+lazily loaded tensors, the *aliases* that share a canonical tensor's storage
+(tied weights), the original container *structure* (a JSON-able tree, so that
+formats without pickles can still record it) and free-form string metadata.
+
+This module does not import torch at import time: listing a file must not pay
+for torch, and a 20 GB file is only read when a tensor's ``load()`` is called.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import dtypes
+from .errors import FormatError, LazyParameterError, UnsupportedError
+
+# Metadata keys nnconv owns.  Everything else is the user's, carried as is.
+STRUCTURE_KEY = "nnconv.structure"
+ALIASES_KEY = "nnconv.aliases"
+CAST_KEY = "nnconv.cast"
+VERSION_KEY = "nnconv.version"
+RESERVED_KEYS = (STRUCTURE_KEY, ALIASES_KEY, VERSION_KEY)
+FORMAT_VERSION = "1"
+ROOT_TENSOR_NAME = "tensor"
+SCALARS = (type(None), bool, int, float, str)
+
+
+class LazyTensor:
+    """A tensor's dtype and shape now, its values when :meth:`load` is called."""
+
+    __slots__ = ("dtype", "shape", "_load")
+
+    def __init__(self, dtype: str, shape: tuple[int, ...], load: Callable[[], Any]) -> None:
+        self.dtype = dtype
+        self.shape = tuple(shape)
+        self._load = load
+
+    @property
+    def numel(self) -> int:
+        return dtypes.numel(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtypes.DTYPES[self.dtype].itemsize
+
+    def load(self):  # -> torch.Tensor
+        """The values as a CPU ``torch.Tensor`` (possibly a read-only-backed mmap view)."""
+        return self._load()
+
+
+@dataclass
+class Checkpoint:
+    """Tensors, aliases, container structure and metadata of one model file."""
+
+    tensors: dict[str, LazyTensor]
+    structure: Any
+    aliases: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    format: str | None = None
+    source: str | None = None
+    _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def names(self) -> list[str]:
+        """Every tensor name, aliases included, in the original order."""
+        return [leaf["t"] for leaf in iter_leaves(self.structure)]
+
+    def lazy(self, name: str) -> LazyTensor:
+        return self.tensors[self.aliases.get(name, name)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    def close(self) -> None:
+        while self._closers:
+            self._closers.pop()()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def records(self) -> dict[str, str]:
+        """Metadata plus nnconv's own records, as the string map formats store."""
+        out = dict(self.metadata)
+        out[VERSION_KEY] = FORMAT_VERSION
+        out[STRUCTURE_KEY] = json.dumps(self.structure, separators=(",", ":"), ensure_ascii=False)
+        if self.aliases:
+            out[ALIASES_KEY] = json.dumps(self.aliases, separators=(",", ":"), ensure_ascii=False)
+        return out
+
+
+def flat_structure(names: list[str], *, ordered: bool = False) -> dict:
+    """The structure of a plain ``{name: tensor}`` dict (what foreign files hold)."""
+    node: dict[str, Any] = {"d": [[n, {"t": n}] for n in names]}
+    if ordered:
+        node["o"] = 1
+    return node
+
+
+def from_records(
+    subject: str, records: dict[str, str], names: list[str]
+) -> tuple[Any, dict[str, str], dict[str, str]]:
+    """Split stored metadata into (structure, aliases, user metadata) and check them."""
+    metadata = {k: v for k, v in records.items() if k not in RESERVED_KEYS}
+    try:
+        aliases = json.loads(records.get(ALIASES_KEY, "{}"))
+        structure = json.loads(records[STRUCTURE_KEY]) if STRUCTURE_KEY in records else None
+    except ValueError as exc:
+        raise FormatError(subject, f"nnconv metadata is not valid JSON: {exc}") from None
+    if not isinstance(aliases, dict):
+        raise FormatError(subject, "nnconv.aliases metadata is not an object")
+    known = set(names)
+    for alias, target in aliases.items():
+        if target not in known:
+            raise FormatError(subject, f"alias {alias!r} points to missing tensor {target!r}")
+    if STRUCTURE_KEY not in records:  # a foreign file: a plain {name: tensor} dict
+        structure = flat_structure(names + [a for a in aliases if a not in known])
+    try:
+        leaves = [leaf.get("t") for leaf in iter_leaves(structure)]
+    except (TypeError, ValueError, AttributeError):
+        raise FormatError(subject, "nnconv.structure metadata is malformed") from None
+    if not all(isinstance(n, str) for n in leaves) or sorted(leaves) != sorted(
+        known | set(aliases)
+    ):
+        missing = sorted((known | set(aliases)) - set(leaves))[:5]
+        raise FormatError(
+            subject, f"nnconv.structure does not match the stored tensors (e.g. {missing})"
+        )
+    return structure, aliases, metadata
+
+
+def iter_leaves(node: Any) -> Iterator[dict]:
+    """Tensor leaves of an encoded structure, depth first, in order."""
+    if isinstance(node, dict):
+        if "t" in node:
+            yield node
+        for key in ("l", "u"):
+            for child in node.get(key, ()):
+                yield from iter_leaves(child)
+        for _, child in node.get("d", ()):
+            yield from iter_leaves(child)
+
+
+# --- Python objects <-> checkpoints (torch needed from here on) -------------
+
+
+def from_object(obj: Any, *, subject: str | None = None) -> Checkpoint:
+    """Describe a ``torch.save``-able object (tensor, list, dict, state_dict...)."""
+    import torch
+
+    tensors: dict[str, LazyTensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+
+    def unique(name: str) -> str:
+        candidate, n = name, 1
+        while candidate in tensors or candidate in aliases:
+            n += 1
+            candidate = f"{name}#{n}"
+        return candidate
+
+    def tensor_leaf(t: torch.Tensor, path: str) -> dict:
+        if isinstance(t, torch.nn.parameter.UninitializedTensorMixin) or t.is_meta:
+            raise LazyParameterError(
+                subject,
+                f"{path or 'the object'} is an uninitialised lazy parameter with no shape or "
+                "values",
+                remedy="run the model once on an example input (or load a checkpoint into it) "
+                "before calling state_dict()",
+            )
+        if t.layout != torch.strided or t.is_quantized or t.is_nested:
+            raise UnsupportedError(subject, f"{path}: {t.layout} tensors are not supported")
+        name = unique(path or ROOT_TENSOR_NAME)
+        dtype = str(t.dtype).removeprefix("torch.")
+        dtypes.get(dtype, subject=subject)
+        t = t.detach()
+        key = None
+        if t.numel() and t.device.type == "cpu":
+            storage = t.untyped_storage()
+            # Strides of size-1 dimensions do not matter (and view() resets them).
+            stride = tuple(0 if n == 1 else st for n, st in zip(t.shape, t.stride()))
+            key = (storage.data_ptr(), t.storage_offset(), tuple(t.shape), stride, t.dtype)
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+        else:
+            if key is not None:
+                seen[key] = name
+            tensors[name] = LazyTensor(dtype, tuple(t.shape), lambda t=t: t.cpu())
+        return {"t": name}
+
+    def walk(value: Any, path: str, depth: int) -> Any:
+        if depth > 100:
+            raise UnsupportedError(subject, f"{path}: containers nested more than 100 deep")
+        if isinstance(value, torch.Tensor):
+            leaf = tensor_leaf(value, path)
+            if isinstance(value, torch.nn.Parameter):
+                leaf["p"] = 1
+                if not value.requires_grad:
+                    leaf["g"] = 0
+            elif value.requires_grad:
+                leaf["g"] = 1
+            return leaf
+        if isinstance(value, SCALARS):
+            return value
+        join = (lambda k: f"{path}.{k}") if path else str
+        if type(value) in (dict, OrderedDict):
+            items = []
+            for k, v in value.items():
+                if not isinstance(k, SCALARS):
+                    raise UnsupportedError(subject, f"{path}: dict key {k!r} is not a scalar")
+                items.append([k, walk(v, join(k), depth + 1)])
+            node: dict[str, Any] = {"d": items}
+            if isinstance(value, OrderedDict):
+                node["o"] = 1
+                meta = getattr(value, "_metadata", None)
+                if meta is not None:
+                    node["m"] = json.loads(json.dumps(meta))
+            return node
+        if type(value) in (list, tuple):
+            children = [walk(v, join(i), depth + 1) for i, v in enumerate(value)]
+            return {"l" if isinstance(value, list) else "u": children}
+        raise UnsupportedError(
+            subject,
+            f"{path or 'the object'} is a {type(value).__module__}.{type(value).__qualname__}",
+            remedy="only tensors, dict/list/tuple containers and int, float, str, bool, None "
+            "leaves can be converted",
+        )
+
+    structure = walk(obj, "", 0)
+    return Checkpoint(tensors=tensors, structure=structure, aliases=aliases)
+
+
+def to_object(ckpt: Checkpoint) -> Any:
+    """Rebuild the Python object: same container types, keys, order and tensor sharing."""
+    import torch
+
+    loaded: dict[str, torch.Tensor] = {}
+
+    def tensor(leaf: dict) -> torch.Tensor:
+        name = leaf["t"]
+        canonical = ckpt.aliases.get(name, name)
+        if canonical not in loaded:
+            loaded[canonical] = ckpt.tensors[canonical].load()
+        t = loaded[canonical]
+        if canonical != name:
+            t = t.detach().view(t.shape)  # a distinct tensor on the same storage
+        if leaf.get("p"):
+            return torch.nn.Parameter(t, requires_grad=bool(leaf.get("g", 1)))
+        if leaf.get("g"):
+            t.requires_grad_(True)
+        return t
+
+    def build(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        if "t" in node:
+            return tensor(node)
+        if "l" in node:
+            return [build(c) for c in node["l"]]
+        if "u" in node:
+            return tuple(build(c) for c in node["u"])
+        pairs = [(k, build(v)) for k, v in node["d"]]
+        if not node.get("o"):
+            return dict(pairs)
+        out = OrderedDict(pairs)
+        if "m" in node:
+            out._metadata = OrderedDict(node["m"])  # type: ignore[attr-defined]
+        return out
+
+    return build(ckpt.structure)
+
+
+def cast(ckpt: Checkpoint, dtype: str) -> Checkpoint:
+    """A view of ``ckpt`` whose floating tensors load as ``dtype`` (one at a time)."""
+    import torch
+
+    if dtype not in dtypes.CAST_TARGETS:
+        raise UnsupportedError(
+            None, f"cannot cast to {dtype!r}", remedy=f"choose one of {dtypes.CAST_TARGETS}"
+        )
+    target = getattr(torch, dtype)
+    tensors = {}
+    for name, lazy in ckpt.tensors.items():
+        if dtypes.DTYPES[lazy.dtype].floating and lazy.dtype != dtype:
+            lazy = LazyTensor(dtype, lazy.shape, lambda src=lazy: src.load().to(target))
+        tensors[name] = lazy
+    metadata = {**ckpt.metadata, CAST_KEY: dtype}
+    return Checkpoint(
+        tensors=tensors,
+        structure=ckpt.structure,
+        aliases=dict(ckpt.aliases),
+        metadata=metadata,
+        format=ckpt.format,
+        source=ckpt.source,
+        _closers=ckpt._closers,
+    )
+
+
+def tensor_bytes(t) -> memoryview:
+    """A tensor's values as contiguous little-endian bytes, without a copy when possible."""
+    import torch
+
+    flat = t.detach().reshape(-1)  # copies only when no flat view exists
+    if flat.stride(0) != 1:  # a flat view of 0 or 1 elements may keep an odd stride
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")

@@ -1,0 +1,129 @@
+"""PyTorch ``torch.save`` files: zip archives and the legacy (pre-1.6) format.
+
+Reading is weights-only: the pickle gate lists every global the file
+references before anything is unpickled, and ``torch.load(weights_only=True)``
+checks again.  Zip archives are memory-mapped, so tensors are read on demand.
+"""
+
+from __future__ import annotations
+
+import errno
+import warnings
+import zipfile
+from pathlib import Path
+
+from . import pickle_gate
+from .atomic import atomic_output
+from .checkpoint import Checkpoint, from_object, to_object
+from .errors import FormatError, NnconvError, UnsupportedError, UsageError
+from .options import DEFAULT_OPTIONS, WriteOptions
+
+NAME = "pt"
+EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".params", ".pkl")
+DESCRIPTION = "PyTorch torch.save (zip archive and legacy format); weights-only reading"
+CAN_WRITE = True
+FEATURES = "containers, non-tensor leaves, tied weights; no free-form metadata"
+
+ZIP_MAGIC = b"PK\x03\x04"
+# pickle protocol 2 header + the LONG1 magic number torch's legacy format starts with
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+LEGACY_PICKLES = 5  # magic number, protocol version, sys info, the object, storage keys
+
+
+def sniff(path: Path, head: bytes) -> bool:
+    if head.startswith(LEGACY_MAGIC):
+        return True
+    if not head.startswith(ZIP_MAGIC):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("data.pkl") for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def globals_in(path: Path) -> list[str]:
+    """Every global the file's pickles reference, found without unpickling."""
+    with open(path, "rb") as fh:
+        head = fh.read(len(LEGACY_MAGIC))
+        fh.seek(0)
+        if head[:1] == b"\x80" and not head.startswith(LEGACY_MAGIC):
+            raise FormatError(
+                path,
+                "a plain pickle (pickle.dump), not a torch.save file",
+                remedy="re-save it with torch.save",
+            )
+        if head.startswith(LEGACY_MAGIC):
+            found: list[str] = []
+            try:
+                for _ in range(LEGACY_PICKLES):
+                    found += pickle_gate.scan(fh)
+            except Exception as exc:
+                raise FormatError(path, f"corrupt legacy torch file: {exc}") from None
+            return found
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+                raise UnsupportedError(
+                    path,
+                    "this is a TorchScript archive (torch.jit.save), not a torch.save file",
+                    remedy="nnconv cannot read TorchScript archives yet",
+                )
+            pickles = [n for n in names if n.endswith("data.pkl")]
+            if len(pickles) != 1:
+                raise FormatError(path, f"zip archive holds {len(pickles)} data.pkl records")
+            return pickle_gate.scan_bytes(str(path), zf.read(pickles[0]))
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise FormatError(path, f"corrupt or truncated torch zip archive: {exc}") from None
+
+
+def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
+    path = Path(path)
+    globals_ = globals_in(path)
+    if not trust_pickle:
+        pickle_gate.check(str(path), globals_)
+    import torch  # only once the gate has passed: refusing a file stays cheap
+
+    legacy = not zipfile.is_zipfile(path)
+    try:
+        with warnings.catch_warnings():  # torch's advice would be a second stderr line
+            warnings.simplefilter("ignore")
+            obj = torch.load(
+                path, map_location="cpu", weights_only=not trust_pickle, mmap=not legacy
+            )
+    except NnconvError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FormatError(path, f"torch.load failed: {first}") from None
+    if isinstance(obj, torch.nn.Module):
+        raise UnsupportedError(
+            path,
+            f"holds a whole module ({type(obj).__qualname__}), not a state_dict",
+            remedy="save model.state_dict() instead",
+        )
+    ckpt = from_object(obj, subject=str(path))
+    ckpt.format, ckpt.source = NAME, str(path)
+    return ckpt
+
+
+def write(ckpt: Checkpoint, path: Path, *, options: WriteOptions = DEFAULT_OPTIONS) -> None:
+    import torch
+
+    if options.shard_size or options.compression:
+        raise UsageError(path, "--shard-size and --compression do not apply to pt files")
+    obj = to_object(ckpt)
+    # Through a file object, a full disk or a size limit surfaces as the OSError it is.
+    with atomic_output(Path(path), force=options.force) as tmp, open(tmp, "wb") as fh:
+        try:
+            torch.save(obj, fh)
+        except RuntimeError as exc:
+            cause = exc.__context__ or exc.__cause__
+            if isinstance(cause, OSError):
+                raise cause from None
+            if "unexpected pos" in str(exc):  # the zip writer lost bytes: the write fell short
+                raise OSError(errno.EIO, "short write (disk full or file size limit?)") from None
+            raise
+    if options.progress:
+        options.progress(ckpt.nbytes)

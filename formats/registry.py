@@ -1,0 +1,85 @@
+"""The format registry: one adapter module per format, detected by content first.
+
+Every adapter module exposes the same names: ``NAME``, ``EXTENSIONS``,
+``DESCRIPTION``, ``CAN_WRITE``, ``sniff(path, head) -> bool``,
+``read(path, *, trust_pickle=False) -> Checkpoint`` and
+``write(ckpt, path, *, options) -> None``.  Adding a format is one new
+``*_format.py`` module and one line in :data:`ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import ModuleType
+
+from . import hdf5_format, pt_format, safetensors_format
+from .errors import FormatError, UsageError
+
+ADAPTERS: dict[str, ModuleType] = {m.NAME: m for m in (pt_format, safetensors_format, hdf5_format)}
+HEAD_BYTES = 64
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def get(name: str) -> ModuleType:
+    """The adapter called ``name`` (as ``--from``/``--to`` spell it)."""
+    try:
+        return ADAPTERS[name]
+    except KeyError:
+        raise UsageError(
+            None, f"unknown format {name!r}", remedy=f"known formats: {', '.join(ADAPTERS)}"
+        ) from None
+
+
+def read_head(path: Path) -> bytes:
+    """The first bytes of a file, with missing/unreadable files as FormatError."""
+    try:
+        if path.is_dir():
+            return b""
+        with open(path, "rb") as fh:
+            return fh.read(HEAD_BYTES)
+    except FileNotFoundError:
+        raise FormatError(path, "no such file") from None
+    except OSError as exc:
+        raise FormatError(path, f"cannot read: {exc.strerror or exc}") from None
+
+
+def detect(path: str | os.PathLike[str], *, format: str | None = None) -> ModuleType:
+    """The adapter for an existing file: ``format`` if given, else by content, then extension.
+
+    A ``format`` that the content contradicts (``--from pt`` on a safetensors
+    file) is an error naming both.
+    """
+    path = Path(path)
+    forced = get(format) if format else None
+    if not path.exists():
+        raise FormatError(path, "no such file or folder")
+    head = read_head(path)
+    if head.startswith(LFS_POINTER):
+        raise FormatError(
+            path, "this is a Git LFS pointer, not the model", remedy="run git lfs pull"
+        )
+    if not head and path.is_file():
+        raise FormatError(path, "file is empty")
+    found = next((a for a in ADAPTERS.values() if a.sniff(path, head)), None)
+    if forced is not None:
+        if found is not None and found is not forced:
+            raise FormatError(path, f"--from {forced.NAME} was given but the file is {found.NAME}")
+        return forced
+    return found or for_destination(path, missing_ok=False)
+
+
+def for_destination(path: str | os.PathLike[str], *, missing_ok: bool = True) -> ModuleType:
+    """The adapter a destination's extension asks for."""
+    name = Path(path).name.lower()
+    for adapter in ADAPTERS.values():
+        if any(name.endswith(ext) for ext in adapter.EXTENSIONS):
+            return adapter
+    known = ", ".join(f"{a.NAME} ({' '.join(a.EXTENSIONS)})" for a in ADAPTERS.values())
+    if missing_ok:
+        raise UsageError(
+            path, "cannot tell the format from the extension", remedy=f"pass --to; {known}"
+        )
+    raise FormatError(
+        path, "unrecognised format: not a file of any known format", remedy=f"known: {known}"
+    )

@@ -1,0 +1,73 @@
+"""Torch-free sharding core: size strings, shard plans and Hugging Face indexes.
+
+Shards follow transformers' naming (``model-00001-of-00003.safetensors`` plus
+``model.safetensors.index.json`` with ``metadata.total_size`` and
+``weight_map``), so ``from_pretrained`` loads a folder nnconv wrote.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import UsageError
+
+INDEX_NAME = "model.safetensors.index.json"
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"512MiB"`` -> 536_870_912 (B, KB..TB, KiB..TiB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _UNITS:
+        raise UsageError(
+            None,
+            f"invalid size {text!r}",
+            remedy="write a number with B, KB, MB, GB, TB or KiB, MiB, GiB, TiB, e.g. 5GB",
+        )
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise UsageError(None, f"size {text!r} must be positive")
+    return size
+
+
+def plan(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Group names into consecutive shards of at most ``max_bytes`` each.
+
+    Order is kept; a tensor larger than ``max_bytes`` gets a shard of its own.
+    """
+    shards: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name, nbytes in sizes:
+        if current and used + nbytes > max_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def build_index(shards: list[list[str]], total_size: int, metadata: dict[str, str]) -> dict:
+    """The index transformers reads (``metadata.total_size`` and ``weight_map``)."""
+    weight_map = {
+        name: shard_name(i, len(shards)) for i, names in enumerate(shards) for name in names
+    }
+    return {"metadata": {"total_size": total_size, **metadata}, "weight_map": weight_map}
