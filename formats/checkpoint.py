@@ -101,12 +101,9 @@ class Checkpoint:
         return out
 
 
-def flat_structure(names: list[str], *, ordered: bool = False) -> dict:
+def flat_structure(names: list[str]) -> dict:
     """The structure of a plain ``{name: tensor}`` dict (what foreign files hold)."""
-    node: dict[str, Any] = {"d": [[n, {"t": n}] for n in names]}
-    if ordered:
-        node["o"] = 1
-    return node
+    return {"d": [[n, {"t": n}] for n in names]}
 
 
 def from_records(
@@ -119,8 +116,8 @@ def from_records(
         structure = json.loads(records[STRUCTURE_KEY]) if STRUCTURE_KEY in records else None
     except ValueError as exc:
         raise FormatError(subject, f"nnconv metadata is not valid JSON: {exc}") from None
-    if not isinstance(aliases, dict):
-        raise FormatError(subject, "nnconv.aliases metadata is not an object")
+    if not isinstance(aliases, dict) or not all(isinstance(t, str) for t in aliases.values()):
+        raise FormatError(subject, "nnconv.aliases metadata is not a map of names")
     known = set(names)
     for alias, target in aliases.items():
         if target not in known:
