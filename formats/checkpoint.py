@@ -187,7 +187,7 @@ def from_object(obj: Any, *, subject: str | None = None) -> Checkpoint:
         if t.numel() and t.device.type == "cpu":
             storage = t.untyped_storage()
             # Strides of size-1 dimensions do not matter (and view() resets them).
-            stride = tuple(0 if n == 1 else st for n, st in zip(t.shape, t.stride()))
+            stride = tuple(0 if n == 1 else st for n, st in zip(t.shape, t.stride(), strict=True))
             key = (storage.data_ptr(), t.storage_offset(), tuple(t.shape), stride, t.dtype)
         if key is not None and key in seen:
             aliases[name] = seen[key]

@@ -6,7 +6,8 @@ Parameter vs Tensor), the same keys in the same order, OrderedDict
 ``_metadata``, tensors with the same dtype, shape, ``requires_grad`` and
 bit-identical values (NaN payloads and -0.0 included), equal scalar leaves,
 and -- unless ``check_sharing=False`` -- the same pattern of tensors sharing
-storage (tied weights).
+storage (tied weights).  ``nan_ok=True`` lets any NaN match any NaN in floating
+tensors, for conversions that need not keep a NaN's payload (``--dtype`` casts).
 """
 
 from __future__ import annotations
@@ -23,11 +24,18 @@ __all__ = ["assert_same", "assert_shares_storage", "assert_tensor_same", "tensor
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """The tensor's values as a flat uint8 tensor (contiguous, on the CPU)."""
     flat = t.detach().cpu().contiguous().reshape(-1)
+    if flat.stride(0) != 1:  # .contiguous() keeps odd strides of 1-element and empty tensors
+        flat = flat.clone(memory_format=torch.contiguous_format)
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
-def assert_tensor_same(a: torch.Tensor, b: torch.Tensor, where: str = "tensor") -> None:
-    """Same type, dtype, shape, requires_grad and bytes (so NaN == NaN, -0.0 != 0.0)."""
+def assert_tensor_same(
+    a: torch.Tensor, b: torch.Tensor, where: str = "tensor", *, nan_ok: bool = False
+) -> None:
+    """Same type, dtype, shape, requires_grad and bytes (so NaN == NaN, -0.0 != 0.0).
+
+    With ``nan_ok``, a NaN in a floating tensor matches any NaN, whatever its payload.
+    """
     assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
     assert a.dtype == b.dtype, f"{where}: dtype {a.dtype} != {b.dtype}"
     assert a.shape == b.shape, f"{where}: shape {tuple(a.shape)} != {tuple(b.shape)}"
@@ -36,7 +44,13 @@ def assert_tensor_same(a: torch.Tensor, b: torch.Tensor, where: str = "tensor") 
     )
     ab, bb = _bytes(a), _bytes(b)
     if not torch.equal(ab, bb):
-        diff = (ab != bb).nonzero()
+        differ = ab != bb
+        if nan_ok and a.is_floating_point():
+            both_nan = a.detach().cpu().float().isnan() & b.detach().cpu().float().isnan()
+            differ &= ~both_nan.reshape(-1).repeat_interleave(a.element_size())
+            if not differ.any():
+                return
+        diff = differ.nonzero()
         first = int(diff[0]) // a.element_size() if len(diff) else "?"
         raise AssertionError(
             f"{where}: values differ ({len(diff)} of {ab.numel()} bytes; first at element {first})"
@@ -53,13 +67,13 @@ def _scalar_same(a: Any, b: Any, where: str) -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-def _walk(a: Any, b: Any, where: str) -> None:
+def _walk(a: Any, b: Any, where: str, nan_ok: bool) -> None:
     assert type(a) is type(b), (
         f"{where}: type {type(a).__module__}.{type(a).__qualname__} != "
         f"{type(b).__module__}.{type(b).__qualname__}"
     )
     if isinstance(a, torch.Tensor):
-        assert_tensor_same(a, b, where)
+        assert_tensor_same(a, b, where, nan_ok=nan_ok)
     elif isinstance(a, dict):
         ka, kb = list(a), list(b)
         assert ka == kb, f"{where}: keys {ka} != {kb}"
@@ -68,11 +82,11 @@ def _walk(a: Any, b: Any, where: str) -> None:
         meta_a, meta_b = getattr(a, "_metadata", None), getattr(b, "_metadata", None)
         assert meta_a == meta_b, f"{where}: _metadata {meta_a!r} != {meta_b!r}"
         for k in ka:
-            _walk(a[k], b[k], f"{where}[{k!r}]")
+            _walk(a[k], b[k], f"{where}[{k!r}]", nan_ok)
     elif isinstance(a, list | tuple):
         assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _walk(x, y, f"{where}[{i}]")
+            _walk(x, y, f"{where}[{i}]", nan_ok)
     else:
         _scalar_same(a, b, where)
 
@@ -99,9 +113,11 @@ def _sharing(obj: Any) -> list[int]:
     return out
 
 
-def assert_same(a: Any, b: Any, *, check_sharing: bool = True, where: str = "obj") -> None:
+def assert_same(
+    a: Any, b: Any, *, check_sharing: bool = True, where: str = "obj", nan_ok: bool = False
+) -> None:
     """Assert two ``torch.load``-style objects are the same, recursively (see module doc)."""
-    _walk(a, b, where)
+    _walk(a, b, where, nan_ok)
     if check_sharing:
         sa, sb = _sharing(a), _sharing(b)
         if sa != sb:

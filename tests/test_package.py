@@ -33,7 +33,7 @@ def test_adapters_share_one_interface():
     from nnconv.formats import registry
 
     for name, adapter in registry.ADAPTERS.items():
-        assert adapter.NAME == name
+        assert name == adapter.NAME
         assert adapter.__name__.endswith(f".{name}_format")
         for attr in (
             "EXTENSIONS",

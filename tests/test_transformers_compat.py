@@ -31,7 +31,9 @@ def test_from_pretrained_loads_nnconv_shards(tmp_path):
     shutil.copy(tmp_path / "cfg" / "config.json", out / "config.json")
 
     loaded = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
-    for (name, a), (name2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (name2, b) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
         assert name == name2 and torch.equal(a, b), name
     ids = torch.randint(0, 64, (1, 8))
     with torch.no_grad():

@@ -1,0 +1,65 @@
+"""Example inputs: ``--input-shape 2,20`` / ``--input-dtype`` specs and seeded tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nnconv.formats import dtypes
+from nnconv.formats.errors import UsageError
+
+DEFAULT_DTYPE = "float32"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: its name, a concrete example shape and a torch dtype name."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = DEFAULT_DTYPE
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, data: dict) -> InputSpec:
+        return cls(str(data["name"]), tuple(int(d) for d in data["shape"]), str(data["dtype"]))
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"2,20"`` or ``"2x3x224x224"`` -> (2, 20); every dimension a positive integer."""
+    parts = [p for p in str(text).replace("x", ",").replace(" ", "").split(",") if p != ""]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(
+            None, f"invalid input shape {text!r}", remedy="write positive sizes like 2,20"
+        )
+    return shape
+
+
+def input_specs(shapes: list[str], dtype: str | None = None) -> list[InputSpec]:
+    """Specs for ``--input-shape`` (repeatable) and one ``--input-dtype`` for all inputs."""
+    dtype = dtype or DEFAULT_DTYPE
+    dtypes.get(dtype)
+    names = ["input"] if len(shapes) == 1 else [f"input_{i}" for i in range(len(shapes))]
+    return [InputSpec(n, parse_shape(s), dtype) for n, s in zip(names, shapes, strict=True)]
+
+
+def example_tensors(specs: list[InputSpec], *, seed: int = 0) -> tuple:
+    """Seeded random tensors for ``specs``: normal floats, small non-negative integers."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for spec in specs:
+        torch_dtype = getattr(torch, spec.dtype)
+        if torch_dtype.is_floating_point:
+            out.append(torch.randn(spec.shape, generator=gen).to(torch_dtype))
+        elif torch_dtype == torch.bool:
+            out.append(torch.randint(0, 2, spec.shape, generator=gen).bool())
+        else:
+            out.append(torch.randint(0, 10, spec.shape, generator=gen).to(torch_dtype))
+    return tuple(out)
