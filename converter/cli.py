@@ -17,10 +17,12 @@ import click
 from nnconv.formats import dtypes, registry, sharding
 from nnconv.formats.errors import NnconvError
 
+from .export import EXPORTERS
 from .inspect import human_bytes
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 FORMAT_NAMES = click.Choice(list(registry.ADAPTERS))
+TRUST_HELP = "Allow pickles to run code (trusted files only)."
 
 
 def _fail(message: str) -> None:
@@ -80,13 +82,53 @@ def cli() -> None:
 @click.option("--dtype", type=click.Choice(dtypes.CAST_TARGETS), help="Cast floating tensors.")
 @click.option("--compression", type=click.Choice(["gzip", "lzf"]), help="HDF5 compression.")
 @click.option("--force", is_flag=True, help="Replace an existing destination.")
-@click.option(
-    "--trust-pickle", is_flag=True, help="Allow pickles to run code (trusted files only)."
-)
-def convert(src, dst, src_format, dst_format, shard_size, dtype, compression, force, trust_pickle):
-    """Convert SRC into DST (format from --to, else from DST's extension)."""
+@click.option("--trust-pickle", is_flag=True, help=TRUST_HELP)
+@click.option("--model", "model", help="Model class: path/file.py:Class or package.module:Class.")
+@click.option("--model-args", help="JSON keyword arguments for the model class.")
+@click.option("--key", help="Where the state_dict sits in a training checkpoint, e.g. model.")
+@click.option("--input-shape", "input_shapes", multiple=True, help="Example input, e.g. 2,20.")
+@click.option("--input-dtype", help="dtype of the example inputs (default float32).")
+@click.option("--opset", type=int, help="ONNX opset version (default: the exporter's).")
+@click.option("--static-batch", is_flag=True, help="ONNX: fix the batch dimension.")
+@click.option("--exporter", type=click.Choice(EXPORTERS), default="auto", show_default=True)
+@click.option("--optimize", is_flag=True, help="ONNX: let the exporter fold constants.")
+@click.option("--allow-missing", is_flag=True, help="ONNX import: skip unrecoverable keys.")
+def convert(
+    src,
+    dst,
+    src_format,
+    dst_format,
+    shard_size,
+    dtype,
+    compression,
+    force,
+    trust_pickle,
+    model,
+    model_args,
+    key,
+    input_shapes,
+    input_dtype,
+    opset,
+    static_batch,
+    exporter,
+    optimize,
+    allow_missing,
+):
+    """Convert SRC into DST (format from --to, else from DST's extension).
+
+    Exporting to ONNX needs a runnable model: --model (or a self-describing
+    source) and --input-shape.
+    """
+    from .convert import OnnxOptions
     from .convert import convert as run_convert
 
+    onnx = OnnxOptions(
+        opset=opset,
+        static_batch=static_batch,
+        exporter=exporter,
+        optimize=optimize,
+        allow_missing=allow_missing,
+    )
     bar = _progress_bar()
     try:
         result = run_convert(
@@ -99,17 +141,46 @@ def convert(src, dst, src_format, dst_format, shard_size, dtype, compression, fo
             compression=compression,
             force=force,
             trust_pickle=trust_pickle,
+            model=model,
+            model_args=model_args,
+            key=key,
+            input_shapes=input_shapes,
+            input_dtype=input_dtype,
+            onnx=onnx,
             progress=bar.update if bar else None,
         )
     finally:
         if bar:
             bar.close()
+    for row in result.mapping:
+        if row.how != "name":
+            source = f"{row.initializer} ({row.how}, {row.transform})"
+            click.echo(f"  {row.key} <- {source}", err=True)
+    for name in result.missing:
+        click.echo(f"  {name}: not recovered (left out)", err=True)
+    click.echo(_summary(result))
+
+
+def _summary(result) -> str:
+    head = (
+        f"{result.source} ({result.source_format}) -> {result.destination} "
+        f"({result.destination_format})"
+    )
+    if result.export:
+        how = f"{result.export.exporter} exporter, opset {result.export.opset}"
+        if result.export.fallback_reason:
+            how += f" (fallback: {result.export.fallback_reason})"
+        if result.export.external_data:
+            how += f", weights in {result.export.external_data}"
+        return f"{head}: {result.tensors} tensors, {human_bytes(result.nbytes)}, {how}"
     cast = f", cast to {result.dtype}" if result.dtype else ""
     aliases = f" (+{result.aliases} tied)" if result.aliases else ""
-    click.echo(
-        f"{result.source} ({result.source_format}) -> {result.destination} "
-        f"({result.destination_format}): {result.tensors} tensors{aliases}, "
-        f"{human_bytes(result.nbytes)}{cast}"
+    model = f", model from {result.model_source}" if result.model_source else ""
+    mapped = sum(1 for row in result.mapping if row.how != "name")
+    mapped_text = f", {mapped} names mapped back" if mapped else ""
+    return (
+        f"{head}: {result.tensors} tensors{aliases}, {human_bytes(result.nbytes)}"
+        f"{cast}{model}{mapped_text}"
     )
 
 
@@ -117,9 +188,7 @@ def convert(src, dst, src_format, dst_format, shard_size, dtype, compression, fo
 @click.argument("file", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--from", "src_format", type=FORMAT_NAMES, help="Format (else detected).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-@click.option(
-    "--trust-pickle", is_flag=True, help="Allow pickles to run code (trusted files only)."
-)
+@click.option("--trust-pickle", is_flag=True, help=TRUST_HELP)
 def inspect(file, src_format, as_json, trust_pickle):
     """Show FILE's format, metadata, tensors and module tree."""
     from .inspect import inspect as run_inspect

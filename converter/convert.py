@@ -4,22 +4,40 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nnconv.formats import registry, sharding
+from nnconv.formats import pt_format, registry, sharding
 from nnconv.formats.atomic import check_destination
 from nnconv.formats.checkpoint import Checkpoint, cast, from_object
 from nnconv.formats.errors import UsageError
 from nnconv.formats.options import WriteOptions
 
+from . import models
+from . import record as arch
+from .export import EXTERNAL_DATA_THRESHOLD, ExportResult, export_onnx
+from .inputs import InputSpec, input_specs
+from .onnx_import import MappingRow, map_to_state_dict
+
 PathLike = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
+class OnnxOptions:
+    """How to export to ONNX, and how strictly to map ONNX initializers back."""
+
+    opset: int | None = None
+    static_batch: bool = False
+    exporter: str = "auto"  # "auto" (dynamo, then TorchScript) | "dynamo" | "torchscript"
+    optimize: bool = False  # let the exporter fold constants (changes parameters)
+    allow_missing: bool = False  # ONNX import: leave out keys that cannot be recovered
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+
+
+@dataclass(frozen=True)
 class ConvertResult:
-    """What a conversion did: formats, counts, bytes, and the cast if any."""
+    """What a conversion did: formats, counts, bytes, the cast, the model and export used."""
 
     source: str
     destination: str
@@ -29,6 +47,10 @@ class ConvertResult:
     aliases: int
     nbytes: int
     dtype: str | None
+    model_source: str | None = None  # "spec" | "record" | "module-pickle" | "torchscript"
+    export: ExportResult | None = None
+    mapping: list[MappingRow] = field(default_factory=list)  # ONNX import: key <- initializer
+    missing: list[str] = field(default_factory=list)
 
 
 def load(path: PathLike, *, format: str | None = None, trust_pickle: bool = False) -> Checkpoint:
@@ -81,10 +103,21 @@ def convert(
     compression: str | None = None,
     force: bool = False,
     trust_pickle: bool = False,
+    model: str | None = None,
+    model_args: str | None = None,
+    key: str | None = None,
+    input_shapes: list[str] | tuple[str, ...] = (),
+    input_dtype: str | None = None,
+    onnx: OnnxOptions = OnnxOptions(),  # noqa: B008  (frozen, shared safely)
     progress: Callable[[int, int], None] | None = None,
 ) -> ConvertResult:
     """Convert ``src`` into ``dst`` losslessly (or cast floats to ``dtype``).
 
+    ``model`` (``path.py:Class`` or ``package.module:Class``, called with the
+    JSON ``model_args``) makes the weights runnable: it is needed to export
+    weights to ONNX (with ``input_shapes`` such as ``["2,20"]``) unless the
+    source describes its model itself, maps ONNX initializers back to the
+    model's state_dict keys, and otherwise embeds nnconv's architecture record.
     The destination is written atomically and never equals the source.
     ``progress(done_bytes, total_bytes)`` is called as tensors are written.
     """
@@ -96,25 +129,141 @@ def convert(
     if compression and dst_adapter.NAME != "hdf5":
         raise UsageError(dst, "--compression applies to hdf5 destinations only")
     check_destination(dst, force=force, sources=(src,))
-    with load(src, format=src_format, trust_pickle=trust_pickle) as ckpt:
-        total = ckpt.nbytes
-        save(
-            ckpt,
+    spec = models.parse_spec(model, model_args) if model else None
+    inputs = input_specs(list(input_shapes), input_dtype) if input_shapes else []
+    if dst_adapter.NAME == "onnx":
+        if dtype:
+            raise UsageError(dst, "--dtype applies to weight formats, not to ONNX export")
+        return _export(
+            src,
             dst,
-            format=dst_adapter.NAME,
+            spec=spec,
+            key=key,
+            inputs=inputs,
             force=force,
-            shard_size=shard_size,
-            compression=compression,
-            dtype=dtype,
-            progress=(lambda done: progress(done, total)) if progress else None,
+            trust_pickle=trust_pickle,
+            options=onnx,
         )
-        return ConvertResult(
-            source=str(src),
-            destination=str(dst),
-            source_format=ckpt.format or "",
-            destination_format=dst_adapter.NAME,
-            tensors=len(ckpt.tensors),
-            aliases=len(ckpt.aliases),
-            nbytes=total,
-            dtype=dtype,
+    src_adapter = registry.detect(src, format=src_format)
+    save_options = dict(
+        format=dst_adapter.NAME,
+        force=force,
+        shard_size=shard_size,
+        compression=compression,
+        dtype=dtype,
+    )
+    if src_adapter.NAME == "onnx" and spec is not None:
+        with load(src, format=src_format) as ckpt:
+            imported = map_to_state_dict(
+                ckpt, models.instantiate(spec), allow_missing=onnx.allow_missing, onnx_path=src
+            )
+            _save_with_progress(imported.checkpoint, dst, save_options, progress)
+            return _result(
+                src,
+                dst,
+                ckpt,
+                imported.checkpoint,
+                save_options,
+                "spec",
+                mapping=imported.mapping,
+                missing=imported.missing,
+            )
+    loaded = None
+    if spec is not None or _holds_module(src, src_adapter):
+        loaded = models.load_model(src, spec=spec, key=key, trust_pickle=trust_pickle)
+    with _checkpoint(src, src_format, trust_pickle, loaded) as ckpt:
+        out = ckpt
+        if loaded is not None and loaded.source != "torchscript":
+            record = arch.build(
+                loaded.module,
+                inputs or _recorded_inputs(loaded),
+                model_args=spec.args if spec else None,
+            )
+            out = replace(
+                ckpt, metadata={**ckpt.metadata, arch.ARCHITECTURE_KEY: arch.dumps(record)}
+            )
+        _save_with_progress(out, dst, save_options, progress)
+        return _result(src, dst, ckpt, out, save_options, loaded.source if loaded else None)
+
+
+def _export(src, dst, *, spec, key, inputs, force, trust_pickle, options) -> ConvertResult:
+    """Weights + model -> ONNX, recording the architecture in the ONNX metadata."""
+    loaded = models.load_model(src, spec=spec, key=key, trust_pickle=trust_pickle)
+    inputs = inputs or _recorded_inputs(loaded)
+    if not inputs:
+        raise UsageError(
+            dst,
+            "exporting to ONNX needs example inputs",
+            remedy="pass --input-shape, e.g. --input-shape 2,20",
         )
+    metadata = {}
+    if loaded.source != "torchscript":
+        record = arch.build(loaded.module, inputs, model_args=spec.args if spec else None)
+        metadata[arch.ARCHITECTURE_KEY] = arch.dumps(record)
+    result = export_onnx(
+        loaded.module,
+        dst,
+        inputs=inputs,
+        opset=options.opset,
+        dynamic_batch=not options.static_batch,
+        exporter=options.exporter,
+        optimize=options.optimize,
+        external_data_threshold=options.external_data_threshold,
+        force=force,
+        metadata=metadata,
+    )
+    state = loaded.module.state_dict()
+    return ConvertResult(
+        source=str(src),
+        destination=str(dst),
+        source_format=registry.detect(src).NAME,
+        destination_format="onnx",
+        tensors=len(state),
+        aliases=0,
+        nbytes=result.parameters_bytes,
+        dtype=None,
+        model_source=loaded.source,
+        export=result,
+    )
+
+
+def _holds_module(src: Path, adapter) -> bool:
+    """A TorchScript archive or a whole-module pickle: its weights come from the module."""
+    if adapter.NAME != "pt":
+        return False
+    return models.is_torchscript(src) or models.is_module_pickle(pt_format.globals_in(src))
+
+
+def _recorded_inputs(loaded: models.LoadedModel) -> list[InputSpec]:
+    if loaded.record and loaded.record.get("inputs"):
+        return [InputSpec.from_json(i) for i in loaded.record["inputs"]]
+    return []
+
+
+def _checkpoint(src: Path, src_format, trust_pickle: bool, loaded) -> Checkpoint:
+    """The source's checkpoint; a whole-module file gives its module's state_dict."""
+    if loaded is not None and loaded.source in ("module-pickle", "torchscript"):
+        ckpt = from_object(loaded.module.state_dict(), subject=str(src))
+        ckpt.format, ckpt.source = registry.detect(src).NAME, str(src)
+        return ckpt
+    return load(src, format=src_format, trust_pickle=trust_pickle)
+
+
+def _save_with_progress(ckpt: Checkpoint, dst: Path, options: dict, progress) -> None:
+    total = ckpt.nbytes
+    save(ckpt, dst, **options, progress=(lambda done: progress(done, total)) if progress else None)
+
+
+def _result(src, dst, ckpt: Checkpoint, out: Checkpoint, options: dict, model_source, **extra):
+    return ConvertResult(
+        source=str(src),
+        destination=str(dst),
+        source_format=ckpt.format or "",
+        destination_format=options["format"],
+        tensors=len(out.tensors),
+        aliases=len(out.aliases),
+        nbytes=out.nbytes,
+        dtype=options["dtype"],
+        model_source=model_source,
+        **extra,
+    )

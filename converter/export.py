@@ -142,7 +142,7 @@ def _dynamo(module, example, inputs, opset, dynamic_batch, optimize):
     if dynamic_batch:
         batch = torch.export.Dim("batch")
         shapes = tuple({0: batch} if len(spec.shape) else {} for spec in inputs)
-    with _quiet():
+    with quiet():
         program = torch.onnx.export(
             module,
             example,
@@ -167,7 +167,7 @@ def _torchscript(module, example, inputs, opset, dynamic_batch, optimize):
         for n, s in zip(names, inputs, strict=True)
         if dynamic_batch and len(s.shape)
     }
-    with _quiet(), tempfile.TemporaryDirectory(prefix="nnconv-export-") as tmp:
+    with quiet(), tempfile.TemporaryDirectory(prefix="nnconv-export-") as tmp:
         # Through a file path the TorchScript exporter handles models over 2 GiB itself.
         path = Path(tmp) / "model.onnx"
         torch.onnx.export(
@@ -190,7 +190,7 @@ def _torchscript(module, example, inputs, opset, dynamic_batch, optimize):
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """The exporters print progress and warnings; the library must not."""
     onnx_logger = logging.getLogger("torch.onnx")
     level = onnx_logger.level

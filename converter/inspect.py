@@ -17,6 +17,7 @@ from typing import Any
 
 from nnconv.formats.checkpoint import ALIASES_KEY, STRUCTURE_KEY
 
+from . import record as arch
 from .convert import load
 from .layers import ModuleNode, build_tree
 
@@ -56,6 +57,7 @@ class InspectReport:
     parameters: int  # elements of the canonical tensors (aliases counted once)
     nbytes: int  # bytes of the canonical tensors
     tree: ModuleNode
+    architecture: dict | None = None  # nnconv's architecture record, when the file has one
 
     @property
     def aliases(self) -> int:
@@ -71,6 +73,7 @@ class InspectReport:
             "parameters": self.parameters,
             "nbytes": self.nbytes,
             "tree": self.tree.to_json(),
+            "architecture": self.architecture,
         }
 
     def render(self, *, table: bool = True, tree: bool = True) -> str:
@@ -94,6 +97,9 @@ class InspectReport:
         if self.metadata:
             lines.append("Metadata:")
             lines += [f"  {_clean(k)}: {_summary(k, v)}" for k, v in self.metadata.items()]
+        if self.architecture:
+            lines += ["", "Architecture record:"]
+            lines += [f"  {_clean(line)}" for line in arch.summary(self.architecture)]
         if not self.tensors:
             lines += ["", "No tensors."]
             return "\n".join(lines)
@@ -137,7 +143,13 @@ def inspect(
             parameters=ckpt.numel,
             nbytes=ckpt.nbytes,
             tree=build_tree((r.name, r.dtype, r.shape) for r in rows),
+            architecture=_architecture(ckpt),
         )
+
+
+def _architecture(ckpt) -> dict | None:
+    text = ckpt.metadata.get(arch.ARCHITECTURE_KEY)
+    return None if text is None else arch.loads(text, ckpt.source)
 
 
 # --- text helpers -------------------------------------------------------------
@@ -173,6 +185,8 @@ def _clean(text: str) -> str:
 
 def _summary(key: str, value: str) -> str:
     """A metadata value for one line: nnconv's JSON records summarised, long values cut."""
+    if key == arch.ARCHITECTURE_KEY:
+        return f"(architecture record, {len(value):,} chars of JSON; shown below)"
     if key.startswith(STRUCTURE_KEY):
         return f"(container layout, {len(value):,} chars of JSON)"
     if key.startswith(ALIASES_KEY):

@@ -176,3 +176,160 @@ def scan_bytes(subject: str, data: bytes) -> list[str]:
         return scan(io.BytesIO(data))
     except Exception as exc:  # pickletools raises ValueError and friends
         raise FormatError(subject, f"corrupt pickle: {exc}") from None
+
+
+# --- whole-module pickles (torch.save(model)) --------------------------------
+#
+# A second, wider allowlist used only when the caller asks for a runnable
+# module.  Every name is a torch.nn built-in *class* (plus the few values their
+# pickled state holds): unpickling one calls ``cls.__new__`` and
+# ``Module.__setstate__``, or at worst the class constructor, none of which can
+# reach arbitrary code.  Lazy modules before their first forward pass are left
+# out on purpose: their pickled hooks need ``builtins.getattr``.
+
+_NN_CLASSES: dict[str, tuple[str, ...]] = {
+    # Containers that hold the layers of Sequential-style models.
+    "container": ("Sequential", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict"),
+    # Affine layers; NonDynamicallyQuantizableLinear is MultiheadAttention's out_proj.
+    "linear": ("Identity", "Linear", "Bilinear", "NonDynamicallyQuantizableLinear"),
+    "conv": (
+        "Conv1d",
+        "Conv2d",
+        "Conv3d",
+        "ConvTranspose1d",
+        "ConvTranspose2d",
+        "ConvTranspose3d",
+    ),
+    # Normalisation layers (running statistics are plain buffers).
+    "batchnorm": ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"),
+    "instancenorm": ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"),
+    "normalization": ("LayerNorm", "GroupNorm", "LocalResponseNorm", "RMSNorm"),
+    # Parameter-free (or PReLU's one weight) activations, and attention.
+    "activation": (
+        "ReLU",
+        "ReLU6",
+        "LeakyReLU",
+        "PReLU",
+        "ELU",
+        "SELU",
+        "CELU",
+        "GELU",
+        "SiLU",
+        "Mish",
+        "Sigmoid",
+        "Tanh",
+        "Hardtanh",
+        "Hardswish",
+        "Hardsigmoid",
+        "Hardshrink",
+        "Softshrink",
+        "Tanhshrink",
+        "Softplus",
+        "Softsign",
+        "Softmax",
+        "Softmax2d",
+        "Softmin",
+        "LogSoftmax",
+        "LogSigmoid",
+        "Threshold",
+        "GLU",
+        "MultiheadAttention",
+    ),
+    "dropout": ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout"),
+    "sparse": ("Embedding", "EmbeddingBag"),
+    "rnn": ("RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"),
+    "transformer": (
+        "Transformer",
+        "TransformerEncoder",
+        "TransformerDecoder",
+        "TransformerEncoderLayer",
+        "TransformerDecoderLayer",
+    ),
+    # Shape-only layers: pooling, reshaping, padding, resampling.
+    "pooling": tuple(
+        f"{kind}{n}d"
+        for kind in ("MaxPool", "AvgPool", "AdaptiveMaxPool", "AdaptiveAvgPool")
+        for n in (1, 2, 3)
+    ),
+    "flatten": ("Flatten", "Unflatten"),
+    "padding": tuple(
+        f"{kind}{n}d"
+        for kind in ("ZeroPad", "ConstantPad", "ReflectionPad", "ReplicationPad")
+        for n in (1, 2, 3)
+    ),
+    "upsampling": ("Upsample", "UpsamplingNearest2d", "UpsamplingBilinear2d"),
+    "pixelshuffle": ("PixelShuffle", "PixelUnshuffle"),
+}
+
+MODULE_EXTRAS: frozenset[str] = frozenset(
+    {
+        # A parameter pickled as itself rather than through torch._utils._rebuild_parameter.
+        "torch.nn.parameter.Parameter",
+        # Module._non_persistent_buffers_set: every module's pickled state holds one.
+        "builtins.set",
+        # The default activation functions Transformer*Layer store as attributes
+        # (activation="relu" -> F.relu, activation="gelu" -> F.gelu, a C builtin).
+        "torch.nn.functional.relu",
+        "torch._C._nn.gelu",
+    }
+)
+
+MODULE_ALLOWED: frozenset[str] = (
+    ALLOWED
+    | MODULE_EXTRAS
+    | frozenset(
+        f"torch.nn.modules.{sub}.{cls}" for sub, names in _NN_CLASSES.items() for cls in names
+    )
+)
+
+# What a lazy module pickled before its first forward pass needs beyond the lazy
+# parameters themselves (its registered hooks); still refused, with a better message.
+_LAZY_HOOK_GLOBALS = frozenset(
+    {
+        "builtins.getattr",
+        "torch.nn.modules.module._WrappedHook",
+        "torch.utils.hooks.RemovableHandle",
+    }
+)
+
+
+def check_module(subject: str, globals_: list[str]) -> None:
+    """Like :func:`check` for a whole-module file: torch.nn built-ins are allowed too."""
+    bad = sorted(set(g for g in globals_ if g not in MODULE_ALLOWED))
+    if not bad:
+        return
+    lazy_parts = LAZY_GLOBALS | _LAZY_HOOK_GLOBALS
+    if set(bad) & LAZY_GLOBALS and all(g in lazy_parts or _is_lazy_class(g) for g in bad):
+        raise LazyParameterError(
+            subject,
+            "holds a module with uninitialised lazy parameters (nn.LazyLinear and friends "
+            "before their first forward pass): they have no shape and no values",
+            remedy="run the model once on an example input before saving it",
+        )
+    raise UnsafePickleError(
+        subject,
+        bad,
+        problem="unpickling this module would need globals outside nnconv's allowlist of "
+        f"torch.nn built-ins: {', '.join(bad)}",
+        remedy="pass --trust-pickle only if you trust this file: it lets the file run code; "
+        "or pass --model path.py:Class with a state_dict",
+    )
+
+
+def _is_lazy_class(name: str) -> bool:
+    module, _, cls = name.rpartition(".")
+    return module.startswith("torch.nn.modules.") and cls.startswith("Lazy") and cls.isidentifier()
+
+
+def module_safe_globals(globals_: list[str]) -> list:
+    """The objects behind a checked file's module globals, for
+    ``torch.serialization.safe_globals`` (call only after :func:`check_module`)."""
+    import importlib
+
+    out = []
+    for name in sorted(set(globals_) - ALLOWED):
+        if name not in MODULE_ALLOWED:
+            raise ValueError(f"{name} is not in the module allowlist")
+        module, _, attr = name.rpartition(".")
+        out.append((getattr(importlib.import_module(module), attr), name))
+    return out

@@ -13,10 +13,12 @@ import os
 from pathlib import Path
 from types import ModuleType
 
-from . import hdf5_format, pt_format, safetensors_format
+from . import hdf5_format, onnx_format, pt_format, safetensors_format
 from .errors import FormatError, UsageError
 
-ADAPTERS: dict[str, ModuleType] = {m.NAME: m for m in (pt_format, safetensors_format, hdf5_format)}
+ADAPTERS: dict[str, ModuleType] = {
+    m.NAME: m for m in (pt_format, safetensors_format, hdf5_format, onnx_format)
+}
 HEAD_BYTES = 64
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 

@@ -241,7 +241,7 @@ CASES = {
     ),
     "unknown-to": Case(
         _put(model__pt="model.pt"),
-        ["convert", "model.pt", "out.onnx", "--to", "onnx"],
+        ["convert", "model.pt", "out.gguf", "--to", "gguf"],
         None,
         ("--to", "onnx"),
     ),

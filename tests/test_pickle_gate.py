@@ -50,6 +50,14 @@ from nnconv.formats.errors import LazyParameterError, NnconvError, UnsafePickleE
 NNCONV = [sys.executable, "-m", "nnconv.converter"]
 
 
+class CustomNet(torch.nn.Module):
+    """A user class: its whole-module pickle names it, which no allowlist admits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2)
+
+
 # --- payloads -----------------------------------------------------------------
 
 
@@ -427,7 +435,8 @@ def corpus(tmp_path_factory) -> dict[str, Entry]:
         ["collections.Counter"],
         {"w": tensor, "counts": collections.Counter(a=1)},
     )
-    add("module.zip", "model.pt", None, ["torch.nn.modules.linear.Linear"], torch.nn.Linear(3, 2))
+    # A whole module of a class outside torch.nn: refused (torch.nn built-ins alone load).
+    add("module.zip", "model.pt", None, [f"{__name__}.CustomNet"], CustomNet())
     for entry in entries.values():
         entry.before = snapshot(entry.folder)
     return entries

@@ -20,7 +20,7 @@ def fixture_models():
 
 # name -> (class name in fixtures/models.py, input shape, atol for onnxruntime vs eager)
 ZOO = {
-    "sequential": ("sequential", "3,4", 1e-5),
+    "sequential": ("SequentialNet", "3,4", 1e-5),
     "mlp": ("MLP", "2,20", 1e-5),
     "custom": ("CustomNet", "2,8", 1e-5),
     "lazy": ("LazyNet", "2,5", 1e-5),

@@ -1,0 +1,302 @@
+"""Runnable models for a checkpoint: ``--model path.py:Class`` or a self-describing file.
+
+A checkpoint holds weights; exporting or verifying needs the module that runs
+them.  It comes from a model spec (a class to instantiate, its state_dict picked
+out of the checkpoint and loaded strictly), or from the file itself: a
+whole-module pickle (gated like every pickle, with torch.nn built-ins allowed),
+a TorchScript archive, or nnconv's architecture record in the metadata.
+
+Picking and loading the state_dict lives in :mod:`.state_dicts` (re-exported
+here); a mismatch is one :class:`ModelMismatchError` line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import re
+import sys
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nnconv.formats import pickle_gate, pt_format, registry
+from nnconv.formats.checkpoint import Checkpoint
+from nnconv.formats.errors import FormatError, NnconvError, UsageError
+
+from . import record as arch
+from .state_dicts import ModelMismatchError, Selection, _first_line, load_weights, select_state_dict
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = [
+    "LoadedModel",
+    "ModelMismatchError",
+    "ModelSpec",
+    "Selection",
+    "instantiate",
+    "is_self_describing",
+    "is_torchscript",
+    "load_model",
+    "load_module_pickle",
+    "load_torchscript",
+    "load_weights",
+    "parse_spec",
+    "select_state_dict",
+]
+
+PathLike = str | os.PathLike[str]
+_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A class to instantiate (``path/file.py:Class`` or ``package.module:Class``)
+    and the keyword arguments (``--model-args``) to call it with."""
+
+    target: str
+    args: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoadedModel:
+    """A runnable module in eval mode and where it came from."""
+
+    module: nn.Module
+    source: str  # "spec" | "record" | "module-pickle" | "torchscript"
+    selection: Selection | None = None
+    record: dict | None = None
+
+
+# --- specs --------------------------------------------------------------------
+
+
+def parse_spec(spec: str, args_json: str | None = None) -> ModelSpec:
+    """Parse ``--model`` and ``--model-args`` (a JSON object of keyword arguments)."""
+    where, sep, qualname = str(spec).rpartition(":")
+    if not sep or not where or not _DOTTED.match(qualname):
+        raise UsageError(
+            None,
+            f"invalid --model {spec!r}: expected path/to/file.py:Class or package.module:Class",
+        )
+    if _is_file_target(where):
+        if not Path(where).is_file():
+            raise UsageError(None, f"--model {spec!r}: no such file {where!r}")
+    elif not _DOTTED.match(where):
+        raise UsageError(None, f"--model {spec!r}: {where!r} is neither a .py file nor a module")
+    args: Any = {}
+    if args_json is not None:
+        try:
+            args = json.loads(args_json)
+        except ValueError as exc:
+            raise UsageError(None, f"--model-args for {spec!r} is not valid JSON: {exc}") from None
+        if not isinstance(args, dict):
+            raise UsageError(
+                None, f"--model-args for {spec!r} must be a JSON object of keyword arguments"
+            )
+    return ModelSpec(str(spec), args)
+
+
+def _is_file_target(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or os.sep in where
+
+
+def instantiate(spec: ModelSpec) -> nn.Module:
+    """Import the spec's class and call it with the spec's arguments."""
+    from torch import nn
+
+    where, _, qualname = spec.target.rpartition(":")
+    module = _import_file(spec, Path(where)) if _is_file_target(where) else _import(spec, where)
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        what = "no class" if obj is None else f"{type(obj).__name__}, not an nn.Module class,"
+        raise UsageError(None, f"--model {spec.target!r}: {what} {qualname!r} in {where}")
+    try:
+        return obj(**spec.args)
+    except TypeError as exc:
+        raise UsageError(
+            None, f"--model {spec.target!r}: {exc}", remedy="check --model-args"
+        ) from None
+
+
+def _import(spec: ModelSpec, name: str):
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:
+        raise UsageError(None, f"--model {spec.target!r}: cannot import {name}: {exc}") from None
+
+
+def _import_file(spec: ModelSpec, path: Path):
+    """Import a file under a private module name (once per process); its folder is on
+    sys.path meanwhile, so that it can import its neighbours."""
+    path = path.resolve()
+    name = f"nnconv_model_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
+    module = sys.modules.get(name)
+    if module is None:
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise UsageError(None, f"--model {spec.target!r}: cannot import {path}")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module
+        sys.path.insert(0, str(path.parent))
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[name]
+            raise UsageError(
+                None, f"--model {spec.target!r}: importing {path.name} failed: {_first_line(exc)}"
+            ) from None
+        finally:
+            if str(path.parent) in sys.path:
+                sys.path.remove(str(path.parent))
+    # What another process, started here, would import it as: for the architecture record.
+    module.__nnconv_import_name__, module.__nnconv_file__ = _names_for(path)  # type: ignore
+    return module
+
+
+def _names_for(path: Path) -> tuple[str, str]:
+    """(``fixtures.models``, ``fixtures/models.py``) for ``./fixtures/models.py``, relative
+    to the working folder (records travel: no absolute paths); the bare names elsewhere."""
+    try:
+        shown = path.relative_to(Path.cwd().resolve())
+    except ValueError:
+        shown = Path(path.name)
+    dotted = ".".join(shown.with_suffix("").parts)
+    return (dotted if _DOTTED.match(dotted) else path.stem), str(shown)
+
+
+# --- self-describing files -----------------------------------------------------
+
+
+def is_torchscript(path: PathLike) -> bool:
+    """A ``torch.jit.save`` archive: a zip with ``constants.pkl`` or a ``code/`` folder."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_torchscript(path: PathLike) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` (TorchScript code is compiled, never run as Python)."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch.jit's deprecation notice
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise FormatError(path, f"torch.jit.load failed: {_first_line(exc)}") from None
+    return module.eval()
+
+
+def is_self_describing(path: PathLike) -> bool:
+    """Whether the file is a model rather than weights: a TorchScript archive or a
+    whole-module pickle, which the weight adapters cannot read.  A checkpoint that
+    carries an architecture record reads as weights and is not counted.  Never raises:
+    a missing or corrupt file is for the reader to report."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if is_torchscript(path):
+        return True
+    try:
+        return registry.detect(path).NAME == pt_format.NAME and is_module_pickle(
+            pt_format.globals_in(path)
+        )
+    except NnconvError:
+        return False
+
+
+def is_module_pickle(globals_: list[str]) -> bool:
+    """Whether a torch.save file's globals show pickled modules (never in a state_dict)."""
+    extra = pickle_gate.MODULE_ALLOWED - pickle_gate.ALLOWED
+    return any(g in extra for g in globals_)
+
+
+def load_module_pickle(path: PathLike, *, trust_pickle: bool = False) -> Any:
+    """Unpickle a ``torch.save(model)`` file: gated by the module allowlist, then
+    ``torch.load(weights_only=True)`` with exactly the allowed classes."""
+    import torch
+
+    globals_ = pt_format.globals_in(Path(path))
+    if not trust_pickle:
+        pickle_gate.check_module(str(path), globals_)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if trust_pickle:
+                return torch.load(path, map_location="cpu", weights_only=False)
+            with torch.serialization.safe_globals(pickle_gate.module_safe_globals(globals_)):
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except NnconvError:
+        raise
+    except Exception as exc:
+        raise FormatError(path, f"torch.load failed: {_first_line(exc)}") from None
+
+
+def _read(path: Path, trust_pickle: bool) -> tuple[str, Any]:
+    """("torchscript" | "module-pickle" | "object", value) or ("checkpoint", Checkpoint)."""
+    from torch import nn
+
+    if is_torchscript(path):
+        return "torchscript", load_torchscript(path)
+    adapter = registry.detect(path)
+    if adapter.NAME == pt_format.NAME and is_module_pickle(pt_format.globals_in(path)):
+        obj = load_module_pickle(path, trust_pickle=trust_pickle)
+        return ("module-pickle" if isinstance(obj, nn.Module) else "object"), obj
+    return "checkpoint", adapter.read(path, trust_pickle=trust_pickle)
+
+
+def load_model(
+    path_or_ckpt: PathLike | Checkpoint,
+    *,
+    spec: ModelSpec | None = None,
+    key: str | None = None,
+    example_inputs: tuple | None = None,
+    trust_pickle: bool = False,
+) -> LoadedModel:
+    """A runnable model (eval mode) with the file's weights.
+
+    With ``spec``: instantiate it and load the selected state_dict strictly.
+    Without: the file must describe its model (whole-module pickle, TorchScript
+    archive, or a checkpoint carrying nnconv's architecture record).
+    """
+    if isinstance(path_or_ckpt, Checkpoint):
+        kind, value, subject = "checkpoint", path_or_ckpt, path_or_ckpt.source
+    else:
+        subject = str(path_or_ckpt)
+        kind, value = _read(Path(path_or_ckpt), trust_pickle)
+    try:
+        if kind in ("torchscript", "module-pickle") and spec is None:
+            return LoadedModel(value.eval(), kind)
+        if spec is not None:
+            module = instantiate(spec)
+            weights = value.state_dict() if kind in ("torchscript", "module-pickle") else value
+            sd, selection = select_state_dict(weights, module, key=key)
+            load_weights(module, sd, example_inputs=example_inputs, subject=subject)
+            return LoadedModel(module, "spec", selection)
+        text = value.metadata.get(arch.ARCHITECTURE_KEY) if kind == "checkpoint" else None
+        if text is None:
+            raise UsageError(
+                subject,
+                "no model: the file holds weights only",
+                remedy="pass --model path.py:Class",
+            )
+        rec = arch.loads(text, subject)
+        module = arch.rebuild(rec)
+        sd, selection = select_state_dict(value, module, key=key)
+        load_weights(module, sd, example_inputs=example_inputs, subject=subject)
+        return LoadedModel(module, "record", selection, rec)
+    finally:
+        if kind == "checkpoint" and not isinstance(path_or_ckpt, Checkpoint):
+            value.close()  # the module holds copies of the weights
