@@ -13,21 +13,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from zoo import fixture_models
 
 from nnconv.converter import inspect, save
 from nnconv.converter.inspect import InspectReport, TensorRow, human_bytes
 from nnconv.converter.layers import MAX_DEPTH, build_tree, infer_kind
 from nnconv.formats.errors import NnconvError
 
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.hidden = nn.Linear(20, 256)
-        self.output = nn.Linear(256, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output(torch.relu(self.hidden(x)))
+MLP = fixture_models().MLP
 
 
 class TiedLM(nn.Module):
