@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
@@ -93,6 +94,9 @@ def cli() -> None:
 @click.option("--exporter", type=click.Choice(EXPORTERS), default="auto", show_default=True)
 @click.option("--optimize", is_flag=True, help="ONNX: let the exporter fold constants.")
 @click.option("--allow-missing", is_flag=True, help="ONNX import: skip unrecoverable keys.")
+@click.option(
+    "--verify", "then_verify", is_flag=True, help="Verify DST against SRC (exit 1 if they differ)."
+)
 def convert(
     src,
     dst,
@@ -113,6 +117,7 @@ def convert(
     exporter,
     optimize,
     allow_missing,
+    then_verify,
 ):
     """Convert SRC into DST (format from --to, else from DST's extension).
 
@@ -159,6 +164,23 @@ def convert(
     for name in result.missing:
         click.echo(f"  {name}: not recovered (left out)", err=True)
     click.echo(_summary(result))
+    if then_verify:
+        from .verify import verify as run_verify
+
+        report = run_verify(
+            src,
+            dst,
+            model=model,
+            model_args=model_args,
+            key=key,
+            input_shapes=input_shapes,
+            input_dtype=input_dtype,
+            trust_pickle=trust_pickle,
+            progress=_progress_lines(),
+        )
+        _emit_report(report, None)
+        return EXIT_OK if report else EXIT_DIFFERENT
+    return EXIT_OK
 
 
 def _summary(result) -> str:
@@ -182,6 +204,100 @@ def _summary(result) -> str:
         f"{head}: {result.tensors} tensors{aliases}, {human_bytes(result.nbytes)}"
         f"{cast}{model}{mapped_text}"
     )
+
+
+@cli.command()
+@click.argument("reference", type=click.Path(dir_okay=True, path_type=str))
+@click.argument("candidates", nargs=-1, type=click.Path(dir_okay=True, path_type=str))
+@click.option("--model", help="Model class: path/file.py:Class or package.module:Class.")
+@click.option("--model-args", help="JSON keyword arguments for the model class.")
+@click.option("--key", help="Where the state_dict sits in a training checkpoint.")
+@click.option("--input-shape", "input_shapes", multiple=True, help="Example input, e.g. 2,20.")
+@click.option("--input-dtype", help="dtype of the random inputs (default float32).")
+@click.option("--inputs", "inputs_file", help="Inputs file: .npz, .pt or .safetensors.")
+@click.option(
+    "--device", type=click.Choice(["cpu", "cuda", "all"]), default="cpu", show_default=True
+)
+@click.option("--atol", multiple=True, help="Absolute tolerance X or NAME:X (repeatable).")
+@click.option("--rtol", multiple=True, help="Relative tolerance Y or NAME:Y (repeatable).")
+@click.option("--params-only", is_flag=True, help="Compare parameters only.")
+@click.option("--outputs-only", is_flag=True, help="Compare forward outputs only.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random inputs.")
+@click.option("--json", "json_path", help="Write the JSON report to PATH (- for stdout).")
+@click.option("--save-golden", help="Store the inputs and reference outputs (.safetensors).")
+@click.option("--golden", help="Replay a golden file's inputs and compare its outputs.")
+@click.option("--force", is_flag=True, help="Replace an existing --save-golden file.")
+@click.option("--trust-pickle", is_flag=True, help=TRUST_HELP)
+def verify(
+    reference,
+    candidates,
+    model,
+    model_args,
+    key,
+    input_shapes,
+    input_dtype,
+    inputs_file,
+    device,
+    atol,
+    rtol,
+    params_only,
+    outputs_only,
+    seed,
+    json_path,
+    save_golden,
+    golden,
+    force,
+    trust_pickle,
+):
+    """Prove CANDIDATES are the same model as REFERENCE: parameters and forward outputs.
+
+    Exit status: 0 all passed, 1 a difference was found, 2 error.  With no
+    candidate, REFERENCE must load strictly into --model and give finite outputs.
+    """
+    from .verify import verify as run_verify
+
+    report = run_verify(
+        reference,
+        *candidates,
+        model=model,
+        model_args=model_args,
+        key=key,
+        input_shapes=input_shapes,
+        input_dtype=input_dtype,
+        inputs_file=inputs_file,
+        device=device,
+        atol=atol,
+        rtol=rtol,
+        params_only=params_only,
+        outputs_only=outputs_only,
+        seed=seed,
+        trust_pickle=trust_pickle,
+        save_golden=save_golden,
+        golden=golden,
+        force=force,
+        progress=_progress_lines(),
+    )
+    _emit_report(report, json_path)
+    return EXIT_OK if report else EXIT_DIFFERENT
+
+
+def _emit_report(report, json_path: str | None) -> None:
+    if json_path == "-":
+        click.echo(json.dumps(report.to_json(), indent=2, allow_nan=False))
+        return
+    click.echo(report.render())
+    if json_path:
+        from nnconv.formats.atomic import atomic_output
+
+        with atomic_output(Path(json_path), force=True) as tmp:
+            tmp.write_text(json.dumps(report.to_json(), indent=2, allow_nan=False))
+
+
+def _progress_lines():
+    """Step messages on stderr, only on a terminal (pipelines keep a clean stderr)."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda message: click.echo(f"... {message}", err=True)
 
 
 @cli.command()
