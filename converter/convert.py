@@ -58,10 +58,15 @@ def load(path: PathLike, *, format: str | None = None, trust_pickle: bool = Fals
 
     ``format`` overrides detection by content and extension.  Call
     ``nnconv.formats.checkpoint.to_object(ckpt)`` for the Python object
-    ``torch.load`` would give.
+    ``torch.load`` would give.  A whole-module pickle (torch.nn built-ins only,
+    unless ``trust_pickle``) or a TorchScript archive reads as its module's state_dict.
     """
     path = Path(path)
-    return registry.detect(path, format=format).read(path, trust_pickle=trust_pickle)
+    adapter = registry.detect(path, format=format)
+    if _holds_module(path, adapter):  # whole-module pickle or TorchScript: its state_dict
+        loaded = models.load_model(path, trust_pickle=trust_pickle)
+        return _checkpoint(path, format, trust_pickle, loaded)
+    return adapter.read(path, trust_pickle=trust_pickle)
 
 
 def save(

@@ -28,6 +28,7 @@ from nnconv.formats import dtypes
 from nnconv.formats.errors import FormatError, UnsupportedError, UsageError
 
 from .inputs import InputSpec, example_tensors, input_specs
+from .state_dicts import _first_line
 
 if TYPE_CHECKING:
     import torch
@@ -107,15 +108,15 @@ def _children(value: Any) -> list[tuple[str, Any]]:
 
 @dataclass
 class OutputAlignment:
-    """Output leaves paired across two sides; iterating gives ``(name, ref, cand)``."""
+    """Output leaves paired across two sides; unpacks as ``pairs, missing, unexpected``."""
 
     pairs: list[tuple[str, torch.Tensor, torch.Tensor]]
     missing: list[str]  # reference leaves with no candidate counterpart
     unexpected: list[str]  # candidate leaves with no reference counterpart
     how: str  # "name" | "position"
 
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        return iter(self.pairs)
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.pairs, self.missing, self.unexpected))
 
     @property
     def complete(self) -> bool:
@@ -340,9 +341,8 @@ def _torch_load(path: Path) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FormatError(
-            path, f"cannot read the inputs with weights_only torch.load: {text}"
+            path, f"cannot read the inputs with weights_only torch.load: {_first_line(exc)}"
         ) from None
 
 

@@ -20,7 +20,6 @@ import os
 import re
 import sys
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -178,12 +177,8 @@ def _names_for(path: Path) -> tuple[str, str]:
 
 
 def is_torchscript(path: PathLike) -> bool:
-    """A ``torch.jit.save`` archive: a zip with ``constants.pkl`` or a ``code/`` folder."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
+    """A ``torch.jit.save`` archive (see ``pt_format.is_torchscript``)."""
+    return pt_format.is_torchscript(Path(path))
 
 
 def load_torchscript(path: PathLike) -> torch.jit.ScriptModule:

@@ -90,8 +90,13 @@ class CandidateReport:
 
     @property
     def passed(self) -> bool:
+        # "transformed" parameters pass only because the outputs decide: they must be checked.
+        unproven = any(c.status == "transformed" for c in self.parameters) and not (
+            self.outputs_checked and self.outputs
+        )
         return (
-            all(c.passed for c in self.parameters)
+            not unproven
+            and all(c.passed for c in self.parameters)
             and not self.tied
             and all(o.passed for o in self.outputs)
         )
@@ -194,7 +199,9 @@ def _render_candidate(cand: CandidateReport) -> list[str]:
         verdict = "PASS" if check.passed else "FAIL"
         where = check.candidate_name if check.name == "" else check.name
         detail = check.status
-        if check.max_abs is not None:
+        if check.note:
+            detail += f": {check.note}"
+        elif check.max_abs is not None:
             detail += (
                 f": {check.differing} elements differ, max_abs {_g(check.max_abs)}, "
                 f"max_rel {_g(check.max_rel)} at {check.worst_index}"
@@ -205,8 +212,6 @@ def _render_candidate(cand: CandidateReport) -> list[str]:
             detail += f": {check.dtype} vs {check.candidate_dtype}"
         if check.how != "name" and check.candidate_name:
             detail += f" (matched {check.how}: {check.candidate_name})"
-        if check.note:
-            detail += f"; {check.note}"
         lines.append(f"  {verdict}  param  {where}  {detail}")
     if cand.parameters:
         summary = ", ".join(f"{n} {status}" for status, n in counts.items())
@@ -231,6 +236,8 @@ def _render_candidate(cand: CandidateReport) -> list[str]:
         lines.append(f"  first diverging module: {cand.first_divergence}")
     if not cand.outputs_checked:
         lines.append("  outputs NOT checked")
+        if any(c.status == "transformed" for c in cand.parameters):
+            lines.append("  FAIL  transformed parameters need an output comparison (--model)")
     lines += [f"  note: {n}" for n in cand.notes]
     return lines
 

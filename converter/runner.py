@@ -4,8 +4,8 @@ Parameters can match while outputs do not (a wrong architecture, a folded
 export, an operator that differs between runtimes), so each file that can be
 run becomes a :class:`Runner`: a torch module (from ``--model``, the
 architecture record, a whole-module pickle or TorchScript) or an onnxruntime
-session.  Outputs are flattened to named leaves on the CPU so that any two
-runtimes compare leaf by leaf; :func:`capture_modules` and
+session.  Outputs come back as named leaves on the CPU (:func:`.golden.flatten`)
+so that any two runtimes compare leaf by leaf; :func:`capture_modules` and
 :func:`first_divergence` point at the first submodule whose output differs.
 """
 
@@ -266,9 +266,9 @@ def devices_for(request: str) -> list[str]:
     cuda = torch.cuda.is_available()
     if request == "cuda" and not cuda:
         raise UsageError(None, "--device cuda: CUDA is not available", remedy="use --device cpu")
-    if request == "cpu":
-        return ["cpu"]
-    return ["cpu", "cuda"] if request == "all" else ["cuda"]
+    if request == "cuda":
+        return ["cuda"]
+    return ["cpu", "cuda"] if request == "all" and cuda else ["cpu"]
 
 
 # --- first divergence --------------------------------------------------------------

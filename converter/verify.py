@@ -83,8 +83,8 @@ def verify(
     )
     if golden is not None:
         return _replay(report, Path(golden), reference, spec, key, trust_pickle, tolerances, say)
-    runner_args = dict(spec=spec, key=key, trust_pickle=trust_pickle)
-    ref_runner = None if params_only else make_runner(reference, **runner_args)
+    runner_args = dict(spec=spec, key=key, trust_pickle=trust_pickle, notes=report.notes)
+    ref_runner = None if params_only else _runner(reference, **runner_args)
     report.reference_runner = ref_runner.label if ref_runner else None
     if not candidates:
         return _self_check(
@@ -98,7 +98,7 @@ def verify(
             force,
             say,
         )
-    cand_runners = [None if params_only else make_runner(c, **runner_args) for c in candidates]
+    cand_runners = [None if params_only else _runner(c, **runner_args) for c in candidates]
     for path, runner in zip(candidates, cand_runners, strict=True):
         cand = CandidateReport(path=str(path), format=registry.detect(path).NAME)
         cand.runner = runner.label if runner else None
@@ -133,7 +133,12 @@ def verify(
         ref_out = ref_runner.run(tensors, device=dev)
         if save_golden is not None and dev == devices[0]:
             golden_io.save_golden(
-                save_golden, specs, tensors, ref_out, force=force, metadata={"seed": str(seed)}
+                save_golden,
+                specs,
+                tensors,
+                ref_out,
+                force=force,
+                metadata={"seed": seed, "versions": report.versions},
             )
         for cand, runner in zip(report.candidates, cand_runners, strict=True):
             if runner is None:
@@ -143,12 +148,27 @@ def verify(
             cand_out = runner.run(tensors, device=dev)
             cand.outputs += _compare(ref_out, cand_out, tolerances, dev, cand)
             cand.outputs_checked = True
+            cand.notes += [n for n in getattr(runner, "notes", []) if n not in cand.notes]
             if not all(o.passed for o in cand.outputs) and ref_runner.is_torch and runner.is_torch:
                 cand.first_divergence = _divergence(ref_runner, runner, tensors, dev, tolerances)
     if len(devices) > 1:
         _cross_device(report, ref_runner, tensors, devices, tolerances)
     report.outputs_checked = any(c.outputs_checked for c in report.candidates)
     return report
+
+
+def _runner(path, *, spec, key, trust_pickle, notes: list[str]):
+    """A runner, or None; a record naming classes not importable here only costs the outputs
+    (the user asked for no model), while a bad ``--model`` is an error."""
+    try:
+        return make_runner(path, spec=spec, key=key, trust_pickle=trust_pickle)
+    except UsageError as exc:
+        if spec is not None:
+            raise
+        notes.append(
+            f"{path}: not runnable: {exc.problem}" + (f" ({exc.remedy})" if exc.remedy else "")
+        )
+        return None
 
 
 def _compare(ref_out, cand_out, tolerances: Tolerances, device: str, cand) -> list[OutputCheck]:
@@ -237,7 +257,12 @@ def _self_check(
             cand.outputs.append(check)
         if save_golden is not None and dev == report.devices[0]:
             golden_io.save_golden(
-                save_golden, specs, tensors, out, force=force, metadata={"seed": str(report.seed)}
+                save_golden,
+                specs,
+                tensors,
+                out,
+                force=force,
+                metadata={"seed": report.seed, "versions": report.versions},
             )
     cand.outputs_checked = report.outputs_checked = True
     cand.notes.append("compatibility check: loads strictly, runs, outputs finite")

@@ -42,6 +42,19 @@ def sniff(path: Path, head: bytes) -> bool:
         return False
 
 
+def _is_torchscript(names: list[str]) -> bool:
+    return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
+
+
+def is_torchscript(path: Path) -> bool:
+    """A ``torch.jit.save`` archive: a zip with ``constants.pkl`` or a ``code/`` folder."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return _is_torchscript(zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def globals_in(path: Path) -> list[str]:
     """Every global the file's pickles reference, found without unpickling."""
     with open(path, "rb") as fh:
@@ -64,11 +77,12 @@ def globals_in(path: Path) -> list[str]:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-            if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+            if _is_torchscript(names):
                 raise UnsupportedError(
                     path,
-                    "this is a TorchScript archive (torch.jit.save), not a torch.save file",
-                    remedy="nnconv cannot read TorchScript archives yet",
+                    "this is a TorchScript archive (torch.jit.save): its weights come from "
+                    "the module it holds",
+                    remedy="convert it with nnconv convert, which loads it with torch.jit.load",
                 )
             pickles = [n for n in names if n.endswith("data.pkl")]
             if len(pickles) != 1:

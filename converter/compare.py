@@ -1,0 +1,416 @@
+"""Tensor-by-tensor and element-by-element comparison behind ``nnconv verify``.
+
+Parameters must be bit-identical unless the user gives tolerances (a recorded ``--dtype``
+cast is compared at the cast precision; what an optimised ONNX export folded is left to
+the outputs).  Outputs must agree within per-dtype ``torch.testing.assert_close`` defaults.
+``a`` is always the candidate, ``b`` the reference: an element passes when ``|a - b| <=
+atol + rtol * |b|`` (equal infinities and NaN against NaN pass).  Work is streamed and
+chunked, so memory stays bounded on 100 GB files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from nnconv.formats import dtypes, onnx_format
+from nnconv.formats.checkpoint import CAST_KEY, Checkpoint, tensor_bytes
+from nnconv.formats.errors import UsageError
+
+from .export import OPTIMIZED_KEY
+from .onnx_import import COUNTERS, MAPPING_KEY
+from .report import OutputCheck, TensorCheck
+
+if TYPE_CHECKING:
+    import torch
+
+ONNX = onnx_format.NAME
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
+OUTPUT_FIELDS = {f.name for f in fields(OutputCheck)}
+CHUNK = 1 << 22  # elements per float64 pass: ~32 MB for each temporary
+WRAPPERS = re.compile(r"^(?:module\.|_orig_mod\.)+")  # DataParallel, torch.compile
+# dtype -> (atol, rtol): torch.testing.assert_close's defaults.  torch has none for float8;
+# these allow one step of the format's precision (3 mantissa bits: 2**-3, 2 bits: 2**-2,
+# e8m0's powers of two: 1.0).  Integers and bool (absent) compare exactly.
+DEFAULTS = {
+    **dict.fromkeys(("float64", "complex128"), (1e-7, 1e-7)),
+    **dict.fromkeys(("float32", "complex64"), (1e-5, 1.3e-6)),
+    "float16": (1e-5, 1e-3),
+    "bfloat16": (1e-5, 1.6e-2),
+    **dict.fromkeys(("float8_e4m3fn", "float8_e4m3fnuz"), (1e-3, 0.125)),
+    **dict.fromkeys(("float8_e5m2", "float8_e5m2fnuz"), (1e-3, 0.25)),
+    "float8_e8m0fnu": (1e-3, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """The user's ``--atol``/``--rtol`` (global and per name) over per-dtype defaults."""
+
+    atol: float | None = None
+    rtol: float | None = None
+    atols: tuple[tuple[str, float], ...] = ()
+    rtols: tuple[tuple[str, float], ...] = ()
+
+    def _user(self, name: str) -> tuple[float | None, float | None]:
+        """The overrides for ``name``, its nearest dotted parent ("enc" covers "enc.x"), or all."""
+        parts = name.split(".")
+        keys = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+        sides = ((dict(self.atols), self.atol), (dict(self.rtols), self.rtol))
+        return tuple(next((named[k] for k in keys if k in named), every) for named, every in sides)
+
+    def for_output(self, name: str, dtype: Any) -> tuple[float, float]:
+        """(atol, rtol): per-name override > global override > dtype default, each alone."""
+        default = DEFAULTS.get(str(dtype).removeprefix("torch."), (0.0, 0.0))
+        return tuple(d if u is None else u for d, u in zip(default, self._user(name), strict=True))
+
+    def for_parameter(self, name: str, dtype: Any) -> tuple[float, float] | None:
+        """None (bit-identity required) unless the user gave a tolerance covering ``name``."""
+        return None if self._user(name) == (None, None) else self.for_output(name, dtype)
+
+
+def parse_tolerances(atols: Sequence[str] = (), rtols: Sequence[str] = ()) -> Tolerances:
+    """Tolerances from CLI values ``X`` (global) or ``NAME:X`` (split on the last colon)."""
+    found: dict[str, dict[str | None, float]] = {"atol": {}, "rtol": {}}
+    for option, values in (("atol", atols), ("rtol", rtols)):
+        for text in values:
+            name, sep, number = str(text).rpartition(":")
+            try:
+                value = float(number)
+            except ValueError:
+                value = math.nan
+            if math.isnan(value) or value < 0 or (sep and not name.strip()):
+                problem = f"--{option} {text!r}: expected X or NAME:X with X a number >= 0"
+                example = f"e.g. --{option} 1e-4 or --{option} encoder.fc.weight:1e-3"
+                raise UsageError(None, problem, value=text, remedy=example)
+            found[option][name.strip() if sep else None] = value  # the last one given wins
+    atol, rtol = found["atol"].pop(None, None), found["rtol"].pop(None, None)
+    return Tolerances(atol, rtol, tuple(found["atol"].items()), tuple(found["rtol"].items()))
+
+
+@dataclass
+class Stats:
+    """How close candidate ``a`` is to reference ``b``; ``passed`` when no element violates."""
+
+    atol: float
+    rtol: float
+    numel: int
+    max_abs: float  # max |a - b| (inf where one side is NaN or a lone infinity)
+    max_rel: float  # max |a - b| / |b| (inf where b == 0 and a != b)
+    mean_abs: float
+    differing: int  # elements not bit-identical (values, when the dtypes differ)
+    violations: int  # elements with |a - b| > atol + rtol * |b|
+    fraction_out: float
+    cosine: float  # over the finite positions; 1.0 for two all-zero tensors
+    worst_index: list[int]  # the largest violation; the largest |a - b| when none violate
+    reference_value: float  # nan for an empty tensor; magnitudes for complex tensors
+    candidate_value: float
+    needed_atol: float  # the smallest atol that passes at this rtol
+    finite: bool  # both tensors all finite
+    passed: bool
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    flat = t.detach().reshape(-1)
+    return flat if flat.stride(0) == 1 else flat.clone(memory_format=torch.contiguous_format)
+
+
+def compare_values(
+    ref: torch.Tensor, cand: torch.Tensor, *, atol: float, rtol: float, chunk: int = CHUNK
+) -> Stats:
+    """Closeness of ``cand`` (a) to ``ref`` (b), computed in float64 one chunk at a time."""
+    import torch
+
+    if tuple(ref.shape) != tuple(cand.shape):
+        raise UsageError(None, f"cannot compare shapes {list(ref.shape)} and {list(cand.shape)}")
+    b_all, a_all = _flat(ref).cpu(), _flat(cand).cpu()
+    complex_ = b_all.is_complex() or a_all.is_complex()
+    wide = torch.complex128 if complex_ else torch.float64
+    exact = atol == 0 and rtol == 0 and not (ref.is_floating_point() or ref.is_complex())
+    n, inf = b_all.numel(), math.inf
+    differing = violations = 0
+    max_abs = max_rel = sum_abs = needed = dot = norm_a = norm_b = 0.0
+    finite, best = True, (False, -inf, 0)  # (violates, excess or |a - b|, -flat index)
+    for start in range(0, n, chunk):
+        b_raw, a_raw = b_all[start : start + chunk], a_all[start : start + chunk]
+        b, a = b_raw.to(wide), a_raw.to(wide)
+        eq = (a == b) | (a.isnan() & b.isnan())
+        fin = a.isfinite() & b.isfinite()
+        finite = finite and bool(fin.all())
+        bits = (t.view(torch.uint8).reshape(-1, t.element_size()) for t in (a_raw, b_raw))
+        unequal = torch.ne(*bits).any(1) if ref.dtype == cand.dtype else ~eq
+        differing += int(unequal.sum())
+        diff = torch.where(eq, 0.0, torch.where(fin, (a - b).abs(), inf))
+        slack = rtol * torch.where(b.isfinite(), b.abs(), 0.0)
+        bad = unequal if exact else diff > atol + slack
+        violations += int(bad.sum())
+        excess = diff - slack
+        for _ in range(8):  # make (needed + slack) round up to diff, so needed_atol passes
+            low = excess + slack < diff
+            if not bool(low.any()):
+                break
+            excess = torch.where(low, torch.nextafter(excess, excess.new_tensor(inf)), excess)
+        needed = max(needed, float(excess.max()))
+        rel = torch.where(diff == 0, 0.0, torch.where(diff.isinf(), inf, diff / b.abs()))
+        max_abs, max_rel = max(max_abs, float(diff.max())), max(max_rel, float(rel.max()))
+        sum_abs += float(diff.sum())
+        i = int(torch.where(bad, excess, -inf).argmax() if bool(bad.any()) else diff.argmax())
+        best = max(best, (bool(bad[i]), float((excess if bad[i] else diff)[i]), -(start + i)))
+        a0, b0 = torch.where(fin, a, 0), torch.where(fin, b, 0)
+        dot += float((a0 * b0.conj()).real.sum())
+        norm_a += float((a0.abs() ** 2).sum())
+        norm_b += float((b0.abs() ** 2).sum())
+    norms = math.sqrt(norm_a * norm_b)  # exact for x vs x; split only on over/underflow
+    norms = norms if 0 < norms < math.inf else math.sqrt(norm_a) * math.sqrt(norm_b)
+    cosine = max(-1.0, min(1.0, dot / norms)) if norms else float(norm_a == norm_b)
+    at = -best[2]
+
+    def value(t: torch.Tensor) -> float:
+        return float(t[at].to(wide).abs() if complex_ else t[at].to(wide)) if n else math.nan
+
+    index = [int(i) for i in torch.unravel_index(torch.tensor(at), ref.shape)] if n else []
+    return Stats(
+        atol, rtol, n, max_abs, max_rel, sum_abs / max(n, 1), differing, violations,
+        violations / max(n, 1), cosine, index, value(b_all), value(a_all), max(0.0, needed),
+        finite, violations == 0,
+    )  # fmt: skip
+
+
+def bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when two tensors hold the same bytes (same dtype and shape): no float math and,
+    for contiguous tensors, no copy, so identical checkpoints compare at memory speed."""
+    import torch
+
+    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
+        return False
+    x, y = _flat(a).cpu().view(torch.uint8), _flat(b).cpu().view(torch.uint8)
+    if x.storage_offset() % 8 or y.storage_offset() % 8:  # unaligned: byte by byte
+        return torch.equal(x, y)
+    whole = x.numel() // 8 * 8
+    if not torch.equal(x[whole:], y[whole:]):
+        return False
+    return torch.equal(x[:whole].view(torch.int64), y[:whole].view(torch.int64))  # ~6x faster
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A reference name and its candidate counterpart (None when one side lacks it)."""
+
+    ref: str | None
+    cand: str | None
+    how: str = "name"  # "name" | "mapping" | "prefix" | "value" | "value, transposed"
+    transform: str = "identity"  # what brings the candidate to the reference's layout
+    note: str | None = None
+
+
+def _mapping(ckpt: Checkpoint) -> dict[str, tuple[str, str]]:
+    """state_dict key -> (ONNX initializer, transform), as an ONNX import recorded it."""
+    try:
+        table = json.loads(ckpt.metadata.get(MAPPING_KEY, "{}"))
+        return {k: (r["initializer"], r.get("transform", "identity")) for k, r in table.items()
+                if isinstance(r, dict) and isinstance(r.get("initializer"), str)}  # fmt: skip
+    except (ValueError, AttributeError):  # not JSON, or not a map of rows: no mapping
+        return {}
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    return hashlib.blake2b(tensor_bytes(t), digest_size=16).digest()
+
+
+def align(ref: Checkpoint, cand: Checkpoint) -> list[Pair]:
+    """Pair canonical tensors by name, recorded ONNX mapping, wrapper prefix, then value."""
+    pairs: list[Pair] = []
+    ref_all, cand_all = set(ref.tensors) | set(ref.aliases), set(cand.tensors) | set(cand.aliases)
+    done_ref, done_cand = set(), set()  # canonical names already paired
+
+    def add(r: str, c: str, how: str, transform: str = "identity", note: str | None = None):
+        pairs.append(Pair(r, c, how, transform, note))
+        done_ref.add(ref.aliases.get(r, r))
+        done_cand.add(cand.aliases.get(c, c))
+
+    for name in ref.tensors:
+        if name in cand_all:
+            add(name, name, "name")
+    for name in cand.tensors:  # a name the reference has only as an alias: a split tie
+        if name not in done_cand and name in ref_all:
+            add(name, name, "name")
+    for key, (init, transform) in _mapping(cand).items():  # ONNX-named reference
+        if key in cand.tensors and key not in done_cand and init in ref_all:
+            add(init, key, "mapping", transform)
+    for key, (init, transform) in _mapping(ref).items():  # ONNX-named candidate
+        if key in ref.tensors and key not in done_ref and init in cand_all:
+            add(key, init, "mapping", transform)
+    stripped = {WRAPPERS.sub("", n): n for n in reversed(cand.tensors) if n not in done_cand}
+    for name in ref.tensors:
+        other = stripped.get(WRAPPERS.sub("", name))
+        if name not in done_ref and other is not None and other not in done_cand:
+            add(name, other, "prefix")
+    _align_values(ref, cand, done_ref, done_cand, add)
+    if ref.format == ONNX:  # the same the other way round: a merged reference
+        _align_values(cand, ref, done_cand, done_ref, lambda c, r, *rest: add(r, c, *rest))
+    order = {name: i for i, name in enumerate(ref.names())}
+    pairs.sort(key=lambda p: order.get(p.ref, len(order)))
+    left = [n for n in ref.tensors if n not in done_ref and not _dropped(n, cand)]
+    extra = [n for n in cand.tensors if n not in done_cand and not _dropped(n, ref)]
+    return pairs + [Pair(n, None, "") for n in left] + [Pair(None, n, "") for n in extra]
+
+
+def _dropped(name: str, other: Checkpoint) -> bool:
+    """A training counter (num_batches_tracked), which exporters drop: ONNX never holds it."""
+    return other.format == ONNX and name.rsplit(".", 1)[-1] in COUNTERS
+
+
+def _align_values(ref: Checkpoint, cand: Checkpoint, done_ref, done_cand, add) -> None:
+    """Match what is left by bit-identical values, or a 2-D transpose, via hashes."""
+    left = {n: t for n, t in ref.tensors.items() if n not in done_ref}
+    specs = {(t.dtype, t.shape) for t in left.values()}
+    merged = cand.format == ONNX  # exporters store equal initializers once, for many keys
+    offers: dict[tuple, list[tuple[str, str]]] = {}  # (dtype, shape, digest) -> (name, how)
+    for name, lazy in cand.tensors.items():
+        flip = lazy.shape[::-1] if len(lazy.shape) == 2 else None
+        kinds = {(lazy.dtype, lazy.shape), (lazy.dtype, flip)}
+        if name in done_cand and not merged or not kinds & specs:
+            continue
+        t = lazy.load()  # only tensors some reference tensor could match are read
+        offers.setdefault((lazy.dtype, lazy.shape, _digest(t)), []).append((name, "value"))
+        if flip is not None and (lazy.dtype, flip) in specs:
+            flipped = (lazy.dtype, flip, _digest(t.t()))
+            offers.setdefault(flipped, []).append((name, "value, transposed"))
+    offered = {key[:2] for key in offers}
+    wanted = {n: (t.dtype, t.shape, _digest(t.load())) for n, t in left.items()
+              if (t.dtype, t.shape) in offered}  # fmt: skip
+    counts = Counter(wanted.values())
+    for name, key in wanted.items():
+        options = [o for o in offers.get(key, []) if o[0] not in done_cand]
+        many = max(counts[key], len(offers.get(key, ())))
+        note = None if many == 1 else f"ambiguous: matched in order among {many} equal tensors"
+        if not options and merged and key in offers:
+            options, note = offers[key][:1], "stored once for several tensors (merged by export)"
+        if options:
+            other, how = options[0]
+            add(name, other, how, "transposed" if how.endswith("transposed") else "identity", note)
+
+
+def _numbers(check: TensorCheck, stats: Stats) -> str:
+    """Copy the statistics into ``check``; say them in words for its note."""
+    check.max_abs, check.max_rel = stats.max_abs, stats.max_rel
+    check.differing, check.worst_index = stats.differing, stats.worst_index
+    return (f"{stats.differing} of {stats.numel} elements differ; max |a-b| {stats.max_abs:.3g} "
+            f"at {stats.worst_index} (reference {stats.reference_value:.8g}, candidate "
+            f"{stats.candidate_value:.8g}); atol {stats.needed_atol:.3g} passes at rtol "
+            f"{stats.rtol:g}")  # fmt: skip
+
+
+def _check(ref: Checkpoint, cand: Checkpoint, pair: Pair, tolerances: Tolerances) -> TensorCheck:
+    """One aligned pair: shape, then dtype (a recorded cast or not), then bytes, then values."""
+    rl = ref.lazy(pair.ref) if pair.ref is not None else None
+    cl = cand.lazy(pair.cand) if pair.cand is not None else None
+    check = TensorCheck(pair.ref or "", pair.cand, "identical", True, how=pair.how)
+    if rl is not None:
+        check.dtype, check.shape = rl.dtype, list(rl.shape)
+    if cl is not None:
+        check.candidate_dtype, check.candidate_shape = cl.dtype, list(cl.shape)
+
+    def done(status: str, passed: bool, note: str | None = None) -> TensorCheck:
+        check.status, check.passed = status, passed
+        check.note = "; ".join(filter(None, [pair.note, note])) or None
+        return check
+
+    folded = any(f.metadata.get(OPTIMIZED_KEY) == "1" for f in (ref, cand) if f.format == ONNX)
+    if rl is None or cl is None:
+        note = f"not in the {'reference' if rl is None else 'candidate'}"
+        if folded:  # an optimised export folds constants away (BatchNorm into Conv...)
+            return done("transformed", True, f"{note}: folded by export? outputs decide")
+        return done("unexpected" if rl is None else "missing", False, note)
+    expected = rl.shape[:-2] + rl.shape[-2:][::-1] if pair.transform == "transposed" else rl.shape
+    if cl.shape != expected and not (pair.transform == "reshaped" and cl.numel == rl.numel):
+        note = f"shape {list(rl.shape)} in the reference, {list(cl.shape)} in the candidate"
+        flipped = len(rl.shape) == 2 and cl.shape == rl.shape[::-1] and rl.dtype == cl.dtype
+        if flipped and pair.transform == "identity" and bytes_equal(rl.load().t(), cl.load()):
+            note += ": transposed? the values are the reference's transpose"
+        return done("shape", False, note)
+    cast = rl.dtype != cl.dtype
+    if cast and (cand.metadata.get(CAST_KEY) != cl.dtype or not dtypes.DTYPES[rl.dtype].floating):
+        return done("dtype", False, f"{rl.dtype} -> {cl.dtype} with no recorded cast")
+    r, c = rl.load(), cl.load()
+    c = c.mT if pair.transform == "transposed" else c.reshape(rl.shape)
+    r = r.to(c.dtype) if cast else r  # the reference as the intended cast would give it
+    intended = f"intended cast to {cl.dtype}" if cast else None
+    if bytes_equal(r, c):
+        return done("cast" if cast else "identical", True, intended)
+    user = tolerances.for_parameter(pair.ref, cl.dtype)
+    atol, rtol = tolerances.for_output(pair.ref, cl.dtype) if cast else (user or (0.0, 0.0))
+    stats = compare_values(r, c, atol=atol, rtol=rtol)
+    note = _numbers(check, stats)
+    if cast:
+        return done("cast", stats.passed, f"{intended}, not identical: {note}")
+    if folded:
+        return done("transformed", True, f"transformed by export: outputs decide; {note}")
+    if user and stats.passed:
+        return done("close", True, f"within tolerance, not identical: {note}")
+    return done("different", False, note)
+
+
+def _sharing(ref: Checkpoint, cand: Checkpoint, pairs: list[Pair]) -> list[str]:
+    """Tied-weight groups that differ once names are aligned, both ways round."""
+    out = []
+    for one, other, here, there in ((ref, cand, "reference", "candidate"),
+                                    (cand, ref, "candidate", "reference")):  # fmt: skip
+        link = {p.ref: p.cand for p in pairs} if one is ref else {p.cand: p.ref for p in pairs}
+        names = {*other.tensors, *other.aliases}
+        stripped = {WRAPPERS.sub("", n): n for n in names}
+        for alias, target in one.aliases.items():  # where each name is in ``other``, if anywhere
+            found = (link.get(n) or (n if n in names else stripped.get(WRAPPERS.sub("", n)))
+                     for n in (alias, target))  # fmt: skip
+            a, t = (None if f is None else other.aliases.get(f, f) for f in found)
+            if a is None:
+                out.append(f"{alias} shares {target} in the {here} but is absent from the {there}")
+            elif t is not None and a != t:
+                out.append(f"{alias} shares {target} in the {here} but not in the {there}")
+    return out
+
+
+def compare_parameters(
+    ref: Checkpoint, cand: Checkpoint, *, tolerances: Tolerances, progress: Progress | None = None
+) -> tuple[list[TensorCheck], list[str]]:
+    """One TensorCheck per aligned pair, and the differences in tied-weight sharing."""
+    pairs = [(p, ref.lazy(p.ref).nbytes + cand.lazy(p.cand).nbytes if p.ref and p.cand else 0)
+             for p in align(ref, cand)]  # fmt: skip
+    total, done, checks = sum(size for _, size in pairs), 0, []
+    for pair, size in pairs:
+        checks.append(_check(ref, cand, pair, tolerances))  # one pair in memory at a time
+        done += size
+        if progress is not None and size:
+            progress(done, total)
+    return checks, _sharing(ref, cand, [p for p, _ in pairs])
+
+
+def compare_outputs(
+    name: str, ref: torch.Tensor, cand: torch.Tensor, *, tolerances: Tolerances, device: str
+) -> OutputCheck:
+    """One output leaf; a shape or dtype mismatch fails (with numbers for a dtype one)."""
+    dtype = str(ref.dtype).removeprefix("torch.")
+    atol, rtol = tolerances.for_output(name, dtype)
+    where = {"name": name, "device": device, "shape": list(ref.shape), "dtype": dtype}
+    if tuple(ref.shape) != tuple(cand.shape):
+        nan = dict.fromkeys(("max_abs", "max_rel", "mean_abs", "cosine", "needed_atol"), math.nan)
+        return OutputCheck(
+            **where, **nan, passed=False, atol=atol, rtol=rtol, fraction_out=1.0, worst_index=[],
+            reference_value=math.nan, candidate_value=math.nan,
+            note=f"shape {list(ref.shape)} in the reference, {list(cand.shape)} in the candidate",
+        )  # fmt: skip
+    stats = asdict(compare_values(ref, cand, atol=atol, rtol=rtol))
+    check = OutputCheck(**where, **{k: v for k, v in stats.items() if k in OUTPUT_FIELDS})
+    if ref.dtype != cand.dtype:
+        other = str(cand.dtype).removeprefix("torch.")
+        check.passed = False
+        check.note = f"dtype {dtype} in the reference, {other} in the candidate"
+    return check
