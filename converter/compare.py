@@ -15,9 +15,9 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from nnconv.formats import dtypes, onnx_format
 from nnconv.formats.checkpoint import CAST_KEY, Checkpoint, tensor_bytes
@@ -26,6 +26,7 @@ from nnconv.formats.errors import UsageError
 from .export import OPTIMIZED_KEY
 from .onnx_import import COUNTERS, MAPPING_KEY
 from .report import OutputCheck, TensorCheck
+from .tolerances import DEFAULTS, Tolerances, parse_tolerances  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     import torch
@@ -35,63 +36,6 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 OUTPUT_FIELDS = {f.name for f in fields(OutputCheck)}
 CHUNK = 1 << 22  # elements per float64 pass: ~32 MB for each temporary
 WRAPPERS = re.compile(r"^(?:module\.|_orig_mod\.)+")  # DataParallel, torch.compile
-# dtype -> (atol, rtol): torch.testing.assert_close's defaults.  torch has none for float8;
-# these allow one step of the format's precision (3 mantissa bits: 2**-3, 2 bits: 2**-2,
-# e8m0's powers of two: 1.0).  Integers and bool (absent) compare exactly.
-DEFAULTS = {
-    **dict.fromkeys(("float64", "complex128"), (1e-7, 1e-7)),
-    **dict.fromkeys(("float32", "complex64"), (1e-5, 1.3e-6)),
-    "float16": (1e-5, 1e-3),
-    "bfloat16": (1e-5, 1.6e-2),
-    **dict.fromkeys(("float8_e4m3fn", "float8_e4m3fnuz"), (1e-3, 0.125)),
-    **dict.fromkeys(("float8_e5m2", "float8_e5m2fnuz"), (1e-3, 0.25)),
-    "float8_e8m0fnu": (1e-3, 1.0),
-}
-
-
-@dataclass(frozen=True)
-class Tolerances:
-    """The user's ``--atol``/``--rtol`` (global and per name) over per-dtype defaults."""
-
-    atol: float | None = None
-    rtol: float | None = None
-    atols: tuple[tuple[str, float], ...] = ()
-    rtols: tuple[tuple[str, float], ...] = ()
-
-    def _user(self, name: str) -> tuple[float | None, float | None]:
-        """The overrides for ``name``, its nearest dotted parent ("enc" covers "enc.x"), or all."""
-        parts = name.split(".")
-        keys = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
-        sides = ((dict(self.atols), self.atol), (dict(self.rtols), self.rtol))
-        return tuple(next((named[k] for k in keys if k in named), every) for named, every in sides)
-
-    def for_output(self, name: str, dtype: Any) -> tuple[float, float]:
-        """(atol, rtol): per-name override > global override > dtype default, each alone."""
-        default = DEFAULTS.get(str(dtype).removeprefix("torch."), (0.0, 0.0))
-        return tuple(d if u is None else u for d, u in zip(default, self._user(name), strict=True))
-
-    def for_parameter(self, name: str, dtype: Any) -> tuple[float, float] | None:
-        """None (bit-identity required) unless the user gave a tolerance covering ``name``."""
-        return None if self._user(name) == (None, None) else self.for_output(name, dtype)
-
-
-def parse_tolerances(atols: Sequence[str] = (), rtols: Sequence[str] = ()) -> Tolerances:
-    """Tolerances from CLI values ``X`` (global) or ``NAME:X`` (split on the last colon)."""
-    found: dict[str, dict[str | None, float]] = {"atol": {}, "rtol": {}}
-    for option, values in (("atol", atols), ("rtol", rtols)):
-        for text in values:
-            name, sep, number = str(text).rpartition(":")
-            try:
-                value = float(number)
-            except ValueError:
-                value = math.nan
-            if math.isnan(value) or value < 0 or (sep and not name.strip()):
-                problem = f"--{option} {text!r}: expected X or NAME:X with X a number >= 0"
-                example = f"e.g. --{option} 1e-4 or --{option} encoder.fc.weight:1e-3"
-                raise UsageError(None, problem, value=text, remedy=example)
-            found[option][name.strip() if sep else None] = value  # the last one given wins
-    atol, rtol = found["atol"].pop(None, None), found["rtol"].pop(None, None)
-    return Tolerances(atol, rtol, tuple(found["atol"].items()), tuple(found["rtol"].items()))
 
 
 @dataclass
@@ -178,10 +122,23 @@ def compare_values(
 
     index = [int(i) for i in torch.unravel_index(torch.tensor(at), ref.shape)] if n else []
     return Stats(
-        atol, rtol, n, max_abs, max_rel, sum_abs / max(n, 1), differing, violations,
-        violations / max(n, 1), cosine, index, value(b_all), value(a_all), max(0.0, needed),
-        finite, violations == 0,
-    )  # fmt: skip
+        atol,
+        rtol,
+        n,
+        max_abs,
+        max_rel,
+        sum_abs / max(n, 1),
+        differing,
+        violations,
+        violations / max(n, 1),
+        cosine,
+        index,
+        value(b_all),
+        value(a_all),
+        max(0.0, needed),
+        finite,
+        violations == 0,
+    )
 
 
 def bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -215,8 +172,11 @@ def _mapping(ckpt: Checkpoint) -> dict[str, tuple[str, str]]:
     """state_dict key -> (ONNX initializer, transform), as an ONNX import recorded it."""
     try:
         table = json.loads(ckpt.metadata.get(MAPPING_KEY, "{}"))
-        return {k: (r["initializer"], r.get("transform", "identity")) for k, r in table.items()
-                if isinstance(r, dict) and isinstance(r.get("initializer"), str)}  # fmt: skip
+        return {
+            k: (r["initializer"], r.get("transform", "identity"))
+            for k, r in table.items()
+            if isinstance(r, dict) and isinstance(r.get("initializer"), str)
+        }
     except (ValueError, AttributeError):  # not JSON, or not a map of rows: no mapping
         return {}
 
@@ -285,8 +245,11 @@ def _align_values(ref: Checkpoint, cand: Checkpoint, done_ref, done_cand, add) -
             flipped = (lazy.dtype, flip, _digest(t.t()))
             offers.setdefault(flipped, []).append((name, "value, transposed"))
     offered = {key[:2] for key in offers}
-    wanted = {n: (t.dtype, t.shape, _digest(t.load())) for n, t in left.items()
-              if (t.dtype, t.shape) in offered}  # fmt: skip
+    wanted = {
+        n: (t.dtype, t.shape, _digest(t.load()))
+        for n, t in left.items()
+        if (t.dtype, t.shape) in offered
+    }
     counts = Counter(wanted.values())
     for name, key in wanted.items():
         options = [o for o in offers.get(key, []) if o[0] not in done_cand]
@@ -303,10 +266,12 @@ def _numbers(check: TensorCheck, stats: Stats) -> str:
     """Copy the statistics into ``check``; say them in words for its note."""
     check.max_abs, check.max_rel = stats.max_abs, stats.max_rel
     check.differing, check.worst_index = stats.differing, stats.worst_index
-    return (f"{stats.differing} of {stats.numel} elements differ; max |a-b| {stats.max_abs:.3g} "
-            f"at {stats.worst_index} (reference {stats.reference_value:.8g}, candidate "
-            f"{stats.candidate_value:.8g}); atol {stats.needed_atol:.3g} passes at rtol "
-            f"{stats.rtol:g}")  # fmt: skip
+    return (
+        f"{stats.differing} of {stats.numel} elements differ; max |a-b| {stats.max_abs:.3g} "
+        f"at {stats.worst_index} (reference {stats.reference_value:.8g}, candidate "
+        f"{stats.candidate_value:.8g}); atol {stats.needed_atol:.3g} passes at rtol "
+        f"{stats.rtol:g}"
+    )
 
 
 def _check(ref: Checkpoint, cand: Checkpoint, pair: Pair, tolerances: Tolerances) -> TensorCheck:
@@ -362,14 +327,18 @@ def _check(ref: Checkpoint, cand: Checkpoint, pair: Pair, tolerances: Tolerances
 def _sharing(ref: Checkpoint, cand: Checkpoint, pairs: list[Pair]) -> list[str]:
     """Tied-weight groups that differ once names are aligned, both ways round."""
     out = []
-    for one, other, here, there in ((ref, cand, "reference", "candidate"),
-                                    (cand, ref, "candidate", "reference")):  # fmt: skip
+    for one, other, here, there in (
+        (ref, cand, "reference", "candidate"),
+        (cand, ref, "candidate", "reference"),
+    ):
         link = {p.ref: p.cand for p in pairs} if one is ref else {p.cand: p.ref for p in pairs}
         names = {*other.tensors, *other.aliases}
         stripped = {WRAPPERS.sub("", n): n for n in names}
         for alias, target in one.aliases.items():  # where each name is in ``other``, if anywhere
-            found = (link.get(n) or (n if n in names else stripped.get(WRAPPERS.sub("", n)))
-                     for n in (alias, target))  # fmt: skip
+            found = (
+                link.get(n) or (n if n in names else stripped.get(WRAPPERS.sub("", n)))
+                for n in (alias, target)
+            )
             a, t = (None if f is None else other.aliases.get(f, f) for f in found)
             if a is None:
                 out.append(f"{alias} shares {target} in the {here} but is absent from the {there}")
@@ -382,8 +351,10 @@ def compare_parameters(
     ref: Checkpoint, cand: Checkpoint, *, tolerances: Tolerances, progress: Progress | None = None
 ) -> tuple[list[TensorCheck], list[str]]:
     """One TensorCheck per aligned pair, and the differences in tied-weight sharing."""
-    pairs = [(p, ref.lazy(p.ref).nbytes + cand.lazy(p.cand).nbytes if p.ref and p.cand else 0)
-             for p in align(ref, cand)]  # fmt: skip
+    pairs = [
+        (p, ref.lazy(p.ref).nbytes + cand.lazy(p.cand).nbytes if p.ref and p.cand else 0)
+        for p in align(ref, cand)
+    ]
     total, done, checks = sum(size for _, size in pairs), 0, []
     for pair, size in pairs:
         checks.append(_check(ref, cand, pair, tolerances))  # one pair in memory at a time
@@ -403,10 +374,17 @@ def compare_outputs(
     if tuple(ref.shape) != tuple(cand.shape):
         nan = dict.fromkeys(("max_abs", "max_rel", "mean_abs", "cosine", "needed_atol"), math.nan)
         return OutputCheck(
-            **where, **nan, passed=False, atol=atol, rtol=rtol, fraction_out=1.0, worst_index=[],
-            reference_value=math.nan, candidate_value=math.nan,
+            **where,
+            **nan,
+            passed=False,
+            atol=atol,
+            rtol=rtol,
+            fraction_out=1.0,
+            worst_index=[],
+            reference_value=math.nan,
+            candidate_value=math.nan,
             note=f"shape {list(ref.shape)} in the reference, {list(cand.shape)} in the candidate",
-        )  # fmt: skip
+        )
     stats = asdict(compare_values(ref, cand, atol=atol, rtol=rtol))
     check = OutputCheck(**where, **{k: v for k, v in stats.items() if k in OUTPUT_FIELDS})
     if ref.dtype != cand.dtype:

@@ -63,3 +63,25 @@ def example_tensors(specs: list[InputSpec], *, seed: int = 0) -> tuple:
         else:
             out.append(torch.randint(0, 10, spec.shape, generator=gen).to(torch_dtype))
     return tuple(out)
+
+
+def graph_inputs(graph) -> tuple[list[InputSpec], dict[str, dict[int, str]], bool]:
+    """An ONNX graph's declared inputs: specs (symbolic dims as 2), the symbolic axes, and
+    whether initializers are listed as inputs (older exporters do)."""
+    from nnconv.formats import onnx_format
+
+    inits = {t.name for t in graph.initializer}
+    specs, axes = [], {}
+    for inp in graph.input:
+        if inp.name in inits:
+            continue
+        tensor = inp.type.tensor_type
+        dtype = onnx_format.ONNX_DTYPES.get(tensor.elem_type)
+        if not (inp.type.HasField("tensor_type") and tensor.HasField("shape")) or dtype is None:
+            raise ValueError(f"graph input {inp.name!r} is not a tensor of known type and rank")
+        dims = tensor.shape.dim
+        shape = tuple(d.dim_value if d.HasField("dim_value") else 2 for d in dims)
+        specs.append(InputSpec(inp.name, shape, dtype))
+        symbolic = [i for i, d in enumerate(dims) if not d.HasField("dim_value")]
+        axes[inp.name] = {i: dims[i].dim_param or f"{inp.name}_{i}" for i in symbolic}
+    return specs, axes, any(i.name in inits for i in graph.input)

@@ -27,7 +27,7 @@ from nnconv.formats.errors import UnsupportedError
 
 from .export import EXPORTER_KEY, OPTIMIZED_KEY
 from .export import quiet as quiet_exporters
-from .inputs import InputSpec, example_tensors
+from .inputs import example_tensors, graph_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -79,7 +79,7 @@ def map_to_state_dict(
     if path is not None and any(isinstance(p, lazy_params) for p in module.parameters()):
         # Lazy modules learn their shapes from one forward pass on the graph's inputs.
         with torch.no_grad():
-            module(*example_tensors(_example_inputs(onnx_format.load_model(path).graph)[0]))
+            module(*example_tensors(graph_inputs(onnx_format.load_model(path).graph)[0]))
     state = {k: v.detach() for k, v in module.state_dict().items()}
     files = onnx_ckpt.tensors
     notes: list[str] = []
@@ -192,7 +192,7 @@ def _export_reference(module, file_model, onnx_ckpt: Checkpoint, notes: list[str
     import onnx
     import torch
 
-    specs, axes, keep = _example_inputs(file_model.graph)
+    specs, axes, keep = graph_inputs(file_model.graph)
     exporter = _guess_exporter(file_model, onnx_ckpt.metadata)
     fold = onnx_ckpt.metadata.get(OPTIMIZED_KEY, "1") != "0"
     opset = next((o.version for o in file_model.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -212,36 +212,29 @@ def _export_reference(module, file_model, onnx_ckpt: Checkpoint, notes: list[str
                 for n in names
             ]
             program = torch.onnx.export(
-                filled, args, dynamo=True, optimize=fold, input_names=names, verbose=False,
-                dynamic_shapes=tuple(shapes) if dims else None, opset_version=opset,
-            )  # fmt: skip
+                filled,
+                args,
+                dynamo=True,
+                optimize=fold,
+                input_names=names,
+                verbose=False,
+                dynamic_shapes=tuple(shapes) if dims else None,
+                opset_version=opset,
+            )
             return program.model_proto, state
         buf = io.BytesIO()
         torch.onnx.export(
-            filled, args, buf, dynamo=False, do_constant_folding=fold, input_names=names,
-            dynamic_axes={n: a for n, a in axes.items() if a} or None, opset_version=opset,
+            filled,
+            args,
+            buf,
+            dynamo=False,
+            do_constant_folding=fold,
+            input_names=names,
+            dynamic_axes={n: a for n, a in axes.items() if a} or None,
+            opset_version=opset,
             keep_initializers_as_inputs=keep,
-        )  # fmt: skip
+        )
     return onnx.load_model_from_string(buf.getvalue()), state
-
-
-def _example_inputs(graph) -> tuple[list[InputSpec], dict[str, dict[int, str]], bool]:
-    """Specs (symbolic dims as 2), symbolic axes, and whether initializers are listed as inputs."""
-    inits = {t.name for t in graph.initializer}
-    specs, axes = [], {}
-    for inp in graph.input:
-        if inp.name in inits:
-            continue
-        tensor = inp.type.tensor_type
-        dtype = onnx_format.ONNX_DTYPES.get(tensor.elem_type)
-        if not (inp.type.HasField("tensor_type") and tensor.HasField("shape")) or dtype is None:
-            raise ValueError(f"graph input {inp.name!r} is not a tensor of known type and rank")
-        dims = tensor.shape.dim
-        shape = tuple(d.dim_value if d.HasField("dim_value") else 2 for d in dims)
-        specs.append(InputSpec(inp.name, shape, dtype))
-        symbolic = [i for i, d in enumerate(dims) if not d.HasField("dim_value")]
-        axes[inp.name] = {i: dims[i].dim_param or f"{inp.name}_{i}" for i in symbolic}
-    return specs, axes, any(i.name in inits for i in graph.input)
 
 
 def _guess_exporter(model, meta: dict[str, str]) -> str:

@@ -25,8 +25,7 @@ from nnconv.formats.errors import NnconvError, UnsupportedError, UsageError
 
 from . import models
 from .golden import OutputAlignment, align_outputs, flatten, resolve_inputs
-from .inputs import InputSpec
-from .onnx_import import _example_inputs
+from .inputs import InputSpec, graph_inputs
 from .state_dicts import _first_line
 
 if TYPE_CHECKING:
@@ -248,7 +247,7 @@ def _onnx_runner(path: Path) -> OnnxRunner:
     with contextlib.suppress(UnsupportedError):
         onnx_format.from_model(model, subject=path, folder=path.parent).close()
     try:
-        specs = _example_inputs(model.graph)[0]
+        specs = graph_inputs(model.graph)[0]
     except ValueError:
         specs = None
     return OnnxRunner(str(path), specs)

@@ -30,6 +30,17 @@ FORMAT_VERSION = "1"
 ROOT_TENSOR_NAME = "tensor"
 SCALARS = (type(None), bool, int, float, str)
 
+# Limits on what a file or object may claim, checked before the work they bound: a
+# crafted file gets one error with value and limit, not a RecursionError or an OOM.
+# MAX_DEPTH: nested dict/list/tuple containers (torch.save'd or in nnconv.structure).
+# Real checkpoints nest under 10; 100 keeps every recursive walk (and json's C parser,
+# ~3 JSON levels per container) far below Python's recursion limit of 1000.
+# MAX_TENSORS: names in one checkpoint, aliases included.  The largest public
+# checkpoints (mixture-of-experts LLMs) hold ~10^5; at ~0.5 KB of bookkeeping per
+# name, 10^7 stays within a few GB of memory.
+MAX_DEPTH = 100
+MAX_TENSORS = 10_000_000
+
 
 class LazyTensor:
     """A tensor's dtype and shape now, its values when :meth:`load` is called."""
@@ -110,27 +121,21 @@ def from_records(
     subject: str, records: dict[str, str], names: list[str]
 ) -> tuple[Any, dict[str, str], dict[str, str]]:
     """Split stored metadata into (structure, aliases, user metadata) and check them."""
+    check_count(subject, len(names), FormatError)
     metadata = {k: v for k, v in records.items() if k not in RESERVED_KEYS}
-    try:
-        aliases = json.loads(records.get(ALIASES_KEY, "{}"))
-        structure = json.loads(records[STRUCTURE_KEY]) if STRUCTURE_KEY in records else None
-    except ValueError as exc:
-        raise FormatError(subject, f"nnconv metadata is not valid JSON: {exc}") from None
+    aliases = _json(subject, records, ALIASES_KEY, "{}")
+    structure = _json(subject, records, STRUCTURE_KEY, "null")
     if not isinstance(aliases, dict) or not all(isinstance(t, str) for t in aliases.values()):
         raise FormatError(subject, "nnconv.aliases metadata is not a map of names")
+    check_count(subject, len(names) + len(aliases), FormatError)
     known = set(names)
     for alias, target in aliases.items():
         if target not in known:
             raise FormatError(subject, f"alias {alias!r} points to missing tensor {target!r}")
     if STRUCTURE_KEY not in records:  # a foreign file: a plain {name: tensor} dict
         structure = flat_structure(names + [a for a in aliases if a not in known])
-    try:
-        leaves = [leaf.get("t") for leaf in iter_leaves(structure)]
-    except (TypeError, ValueError, AttributeError):
-        raise FormatError(subject, "nnconv.structure metadata is malformed") from None
-    if not all(isinstance(n, str) for n in leaves) or sorted(leaves) != sorted(
-        known | set(aliases)
-    ):
+    leaves = check_structure(subject, structure)
+    if sorted(leaves) != sorted(known | set(aliases)):
         missing = sorted((known | set(aliases)) - set(leaves))[:5]
         raise FormatError(
             subject, f"nnconv.structure does not match the stored tensors (e.g. {missing})"
@@ -138,16 +143,88 @@ def from_records(
     return structure, aliases, metadata
 
 
+def check_count(subject: str | None, count: int, error: type = FormatError) -> None:
+    """Refuse more than :data:`MAX_TENSORS` tensor names."""
+    if count > MAX_TENSORS:
+        raise error(
+            subject,
+            f"{count:,} tensors exceed nnconv's limit of {MAX_TENSORS:,}",
+            value=count,
+            limit=MAX_TENSORS,
+            remedy="the file is corrupt or crafted",
+        )
+
+
+def _depth_error(subject: str | None, error: type, where: str = "") -> Exception:
+    problem = f"{where}containers nested more than {MAX_DEPTH} deep"
+    remedy = "nnconv refuses deeper nesting: the file is corrupt or crafted"
+    return error(subject, problem, value=MAX_DEPTH + 1, limit=MAX_DEPTH, remedy=remedy)
+
+
+def _json(subject: str, records: dict[str, str], key: str, default: str) -> Any:
+    """One of nnconv's JSON records; json's own RecursionError becomes a FormatError."""
+    try:
+        return json.loads(records.get(key, default))
+    except RecursionError:
+        raise _depth_error(subject, FormatError, f"{key}: ") from None
+    except (ValueError, TypeError) as exc:
+        raise FormatError(subject, f"nnconv metadata is not valid JSON: {exc}") from None
+
+
+def check_structure(subject: str, structure: Any) -> list[str]:
+    """Validate a stored structure without recursion; return its tensor names in order.
+
+    Every node must be a scalar or exactly what :func:`from_object` writes, nested at
+    most :data:`MAX_DEPTH` containers deep, so :func:`to_object` cannot fail on it.
+    """
+
+    def bad(problem: str) -> FormatError:
+        return FormatError(subject, f"nnconv.structure metadata is malformed: {problem}")
+
+    names: list[str] = []
+    stack: list[tuple[Any, int]] = [(structure, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, SCALARS):
+            continue
+        if not isinstance(node, dict):
+            raise bad(f"a node is a {type(node).__name__}")
+        kinds = [k for k in ("t", "l", "u", "d") if k in node]
+        if len(kinds) != 1:
+            raise bad(f"a node has {kinds or 'none'} of the keys t, l, u, d")
+        body = node[kinds[0]]
+        if kinds[0] == "t":
+            if not isinstance(body, str):
+                raise bad(f"tensor name {body!r} is not a string")
+            names.append(body)
+            continue
+        if depth >= MAX_DEPTH:
+            raise _depth_error(subject, FormatError, "nnconv.structure: ")
+        if not isinstance(body, list):
+            raise bad(f"{kinds[0]!r} is not a list")
+        if kinds[0] == "d":
+            if not all(isinstance(p, list) and len(p) == 2 for p in body) or not all(
+                isinstance(k, SCALARS) for k, _ in body
+            ):
+                raise bad("a dict entry is not a [scalar key, value] pair")
+            if "m" in node and not isinstance(node["m"], dict):
+                raise bad("OrderedDict _metadata is not an object")
+            body = [value for _, value in body]
+        stack.extend((child, depth + 1) for child in reversed(body))
+    return names
+
+
 def iter_leaves(node: Any) -> Iterator[dict]:
-    """Tensor leaves of an encoded structure, depth first, in order."""
-    if isinstance(node, dict):
+    """Tensor leaves of an encoded structure, depth first, in order (no recursion)."""
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
         if "t" in node:
             yield node
-        for key in ("l", "u"):
-            for child in node.get(key, ()):
-                yield from iter_leaves(child)
-        for _, child in node.get("d", ()):
-            yield from iter_leaves(child)
+        children = [*node.get("l", ()), *node.get("u", ()), *(c for _, c in node.get("d", ()))]
+        stack.extend(reversed(children))
 
 
 # --- Python objects <-> checkpoints (torch needed from here on) -------------
@@ -179,6 +256,7 @@ def from_object(obj: Any, *, subject: str | None = None) -> Checkpoint:
             )
         if t.layout != torch.strided or t.is_quantized or t.is_nested:
             raise UnsupportedError(subject, f"{path}: {t.layout} tensors are not supported")
+        check_count(subject, len(tensors) + len(aliases) + 1, UnsupportedError)
         name = unique(path or ROOT_TENSOR_NAME)
         dtype = str(t.dtype).removeprefix("torch.")
         dtypes.get(dtype, subject=subject)
@@ -198,8 +276,6 @@ def from_object(obj: Any, *, subject: str | None = None) -> Checkpoint:
         return {"t": name}
 
     def walk(value: Any, path: str, depth: int) -> Any:
-        if depth > 100:
-            raise UnsupportedError(subject, f"{path}: containers nested more than 100 deep")
         if isinstance(value, torch.Tensor):
             leaf = tensor_leaf(value, path)
             if isinstance(value, torch.nn.Parameter):
@@ -211,6 +287,8 @@ def from_object(obj: Any, *, subject: str | None = None) -> Checkpoint:
             return leaf
         if isinstance(value, SCALARS):
             return value
+        if depth >= MAX_DEPTH and type(value) in (dict, OrderedDict, list, tuple):
+            raise _depth_error(subject, UnsupportedError, f"{path}: ")
         join = (lambda k: f"{path}.{k}") if path else str
         if type(value) in (dict, OrderedDict):
             items = []
@@ -222,8 +300,11 @@ def from_object(obj: Any, *, subject: str | None = None) -> Checkpoint:
             if isinstance(value, OrderedDict):
                 node["o"] = 1
                 meta = getattr(value, "_metadata", None)
-                if meta is not None:
-                    node["m"] = json.loads(json.dumps(meta))
+                try:
+                    if meta is not None:
+                        node["m"] = dict(json.loads(json.dumps(meta)))
+                except (TypeError, ValueError, RecursionError):
+                    raise UnsupportedError(subject, f"{path}: _metadata is not JSON data") from None
             return node
         if type(value) in (list, tuple):
             children = [walk(v, join(i), depth + 1) for i, v in enumerate(value)]
