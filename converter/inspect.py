@@ -58,6 +58,8 @@ class InspectReport:
     nbytes: int  # bytes of the canonical tensors
     tree: ModuleNode
     architecture: dict | None = None  # nnconv's architecture record, when the file has one
+    # pt files: every global their pickles reference, sorted (None for other formats).
+    globals: list[str] | None = None
 
     @property
     def aliases(self) -> int:
@@ -74,6 +76,7 @@ class InspectReport:
             "nbytes": self.nbytes,
             "tree": self.tree.to_json(),
             "architecture": self.architecture,
+            "globals": None if self.globals is None else list(self.globals),
         }
 
     def render(self, *, table: bool = True, tree: bool = True) -> str:
@@ -94,6 +97,9 @@ class InspectReport:
         dtypes = Counter(row.dtype for row in self.tensors if row.alias_of is None)
         if dtypes:
             lines.append("Dtypes:      " + ", ".join(f"{d} ({n:,})" for d, n in dtypes.items()))
+        if self.globals is not None:
+            names = ", ".join(_clean(g) for g in self.globals) or "(none)"
+            lines.append(f"Globals:     {names}")
         if self.metadata:
             lines.append("Metadata:")
             lines += [f"  {_clean(k)}: {_summary(k, v)}" for k, v in self.metadata.items()]
@@ -144,7 +150,17 @@ def inspect(
             nbytes=ckpt.nbytes,
             tree=build_tree((r.name, r.dtype, r.shape) for r in rows),
             architecture=_architecture(ckpt),
+            globals=_globals(path) if ckpt.format == "pt" else None,
         )
+
+
+def _globals(path) -> list[str] | None:
+    """The globals a pt file's pickles name, listed without unpickling (None: TorchScript)."""
+    from nnconv.formats import pt_format
+
+    if pt_format.is_torchscript(path):
+        return None
+    return sorted(set(pt_format.globals_in(path)))
 
 
 def _architecture(ckpt) -> dict | None:

@@ -61,7 +61,9 @@ def remove_stale(dst: Path) -> None:
 
 
 def _remove(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    """Best effort: a cleanup must never hide the error that caused it (on a read-only
+    file system, unlink fails with EROFS even for a name that does not exist)."""
+    with contextlib.suppress(OSError):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
@@ -80,6 +82,16 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (a power cut must not undo it); best effort."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -110,6 +122,7 @@ def atomic_output(dst: Path, *, force: bool = False, directory: bool = False) ->
             _remove(old)
         else:
             os.replace(tmp, dst)
+        _fsync_folder(dst.parent)
     except OSError as exc:
         _remove(tmp)
         raise _destination_error(dst, exc) from None
@@ -121,7 +134,9 @@ def atomic_output(dst: Path, *, force: bool = False, directory: bool = False) ->
 def _destination_error(dst: Path, exc: OSError) -> DestinationError:
     if exc.errno == errno.ENOSPC:
         return DestinationError(dst, "no space left on the device", remedy="free some space")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno == errno.EROFS:
+        return DestinationError(dst, "permission denied: the folder is on a read-only file system")
+    if exc.errno in (errno.EACCES, errno.EPERM):
         return DestinationError(dst, "permission denied writing the destination")
     if exc.errno == errno.EFBIG:
         return DestinationError(dst, "file too large for this file system or limit")

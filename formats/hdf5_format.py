@@ -11,6 +11,10 @@ Reading also accepts Keras 3 ``*.weights.h5`` (named by their HDF5 paths,
 ``layers/<name>/vars/<i>``) and legacy Keras ``.h5`` (named by Keras'
 ``weight_names``, ``dense/kernel:0``): Keras' own names, unchanged.  Other HDF5
 files are named by their dataset paths with ``/`` shown as ``.``.
+
+Reading reads nothing outside the file (external links, external storage and
+virtual datasets are refused), walks each group once, and bounds every shape by
+what the file stores (:func:`_check_storage`) before describing a tensor.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import re
 from pathlib import Path
 
-from . import dtypes
+from . import checkpoint, dtypes
 from .atomic import atomic_output
 from .checkpoint import ALIASES_KEY, Checkpoint, LazyTensor, from_records, tensor_bytes
 from .errors import FormatError, UnsupportedError, UsageError
@@ -34,9 +38,21 @@ CAN_WRITE = True
 FEATURES = "containers, hard-linked tied weights, metadata, bfloat16/float8 as bit patterns"
 
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# What h5py raises on a corrupt file: the HDF5 library's failures surface as OSError,
+# RuntimeError ("Unspecified error in H5Dget_offset"), KeyError, ValueError or TypeError.
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 PATHS_KEY = "nnconv.paths"
 ESCAPE_GROUP = "_nnconv"
 COMPRESSIONS = ("gzip", "lzf")
+# Bounds on what a dataset may claim (see the module docstring).  Deflate cannot
+# expand more than 1032:1 and LZF ~100:1, so a filtered dataset claiming more than
+# 1100 bytes per stored byte is crafted (better-compressing filter plugins included).
+# Up to 1 MiB may come from fill values alone (datasets created but never written).
+MAX_EXPANSION = 1100
+FILL_ALLOWANCE = 1 << 20
+MAX_LINKS = 2 * checkpoint.MAX_TENSORS  # links walked: the datasets plus the groups holding them
+CRAFTED = "the file is corrupt or crafted"
+OUTSIDE = "nnconv reads nothing outside the file"
 
 
 def sniff(path: Path, head: bytes) -> bool:
@@ -60,16 +76,58 @@ def _children(group):
     return names if tracked else sorted(names, key=_natural)
 
 
-def _walk(group, prefix: str = ""):
+def _member(group, key: str, subject: Path):
+    """``group[key]`` (``None`` for a dangling soft link); links out of the file refused."""
     import h5py
 
-    for key in _children(group):
-        obj = group.get(key)
+    node = group
+    for part in filter(None, key.split("/")):
+        link = node.get(part, getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            problem = f"{key!r} is an external link to {link.filename!r}"
+            raise FormatError(subject, problem, remedy=OUTSIDE)
+        try:
+            node = node[part]  # follows hard and soft links
+        except KeyError as exc:
+            if link is None or isinstance(link, h5py.SoftLink):  # absent or dangling
+                return None
+            raise FormatError(subject, f"cannot open {key!r}: {exc}") from None
+    if node.id.fileno != group.id.fileno:  # a soft link through an external link
+        problem = f"{key!r} leads into another file through an external link"
+        raise FormatError(subject, problem, remedy=OUTSIDE)
+    return node
+
+
+def _walk(f, subject: Path):
+    """(path, dataset) of every dataset, depth first in order, without recursion."""
+    import h5py
+
+    seen = {f["/"].id: "/"}
+    stack = [(f, "", iter(_children(f)))]
+    links = 0
+    while stack:
+        group, prefix, keys = stack[-1]
+        key = next(keys, None)
+        if key is None:
+            stack.pop()
+            continue
+        links += 1
+        if links > MAX_LINKS:
+            problem = f"holds more than {MAX_LINKS:,} links"
+            raise FormatError(subject, problem, value=links, limit=MAX_LINKS, remedy=CRAFTED)
+        obj = _member(group, key, subject)
         path = f"{prefix}{key}"
         if isinstance(obj, h5py.Dataset):
             yield path, obj
         elif isinstance(obj, h5py.Group):
-            yield from _walk(obj, path + "/")
+            if obj.id in seen:
+                raise FormatError(
+                    subject,
+                    f"group {path!r} is also linked as {seen[obj.id]!r}",
+                    remedy="link cycles and groups linked twice are not supported",
+                )
+            seen[obj.id] = path
+            stack.append((obj, path + "/", iter(_children(obj))))
 
 
 def _text(value) -> str:
@@ -89,21 +147,26 @@ def _keras_list(group, key: str) -> list[str] | None:
     return out
 
 
-def _keras_legacy(root, layers: list[str]):
+def _keras_legacy(root, layers: list[str], subject: Path):
     """(path, name, dataset) in Keras' order; names are Keras' ``weight_names``."""
     for layer in layers:
-        group = root[layer]
-        for weight in _keras_list(group, "weight_names") or []:
-            yield f"{group.name}/{weight}".lstrip("/"), weight, group[weight]
+        group = _member(root, layer, subject)
+        for weight in (_keras_list(group, "weight_names") or []) if group else []:
+            ds = _member(group, weight, subject)
+            if ds is None:
+                raise KeyError(f"weight {weight!r} of layer {layer!r} is missing")
+            yield f"{group.name}/{weight}".lstrip("/"), weight, ds
 
 
-def _layout(f) -> tuple[str, list]:
+def _layout(f, subject: Path) -> tuple[str, list]:
     """Which layout the file has, and its (path, name, dataset) triples in order."""
-    for root in (f, f.get("model_weights")):
+    for root in (f, _member(f, "model_weights", subject) if "model_weights" in f else None):
         layers = None if root is None else _keras_list(root, "layer_names")
         if layers is not None:
-            return "keras-legacy", list(_keras_legacy(root, layers))
-    pairs = list(_walk(f))
+            triples = list(_keras_legacy(root, layers, subject))
+            checkpoint.check_count(str(subject), len(triples))
+            return "keras-legacy", triples
+    pairs = list(_walk(f, subject))
     keras3 = ("layers" in f or "vars" in f) and "nnconv.version" not in f.attrs
     if keras3 and all("/vars/" in "/" + p for p, _ in pairs):
         return "keras3", [(p, p, ds) for p, ds in pairs]  # Keras 3 names are their paths
@@ -128,13 +191,52 @@ def _dtype_of(path: Path, name: str, ds) -> dtypes.DType:
     raise UnsupportedError(path, f"dataset {name!r} has HDF5 type {ds.dtype}, not a tensor dtype")
 
 
+def _check_storage(path: Path, name: str, ds, itemsize: int, file_size: int) -> None:
+    """Refuse data kept outside the file, and shapes claiming more than the file stores.
+
+    Values are read lazily, one whole dataset per ``load()``: this check is what keeps
+    a crafted shape from allocating terabytes.  Contiguous unfiltered data must lie
+    inside the file; other layouts (chunked, compressed, unallocated) may not expand
+    more than :data:`MAX_EXPANSION` times their stored bytes plus :data:`FILL_ALLOWANCE`.
+    """
+    import h5py
+
+    if ds.external or ds.is_virtual:
+        where = "external raw files" if ds.external else "a virtual dataset's sources"
+        raise FormatError(path, f"dataset {name!r} keeps its values in {where}", remedy=OUTSIDE)
+    if ds.shape is None:
+        raise UnsupportedError(path, f"dataset {name!r} has no shape (an empty dataspace)")
+    nbytes = dtypes.numel(tuple(ds.shape)) * itemsize
+    stored = ds.id.get_storage_size()
+    plist = ds.id.get_create_plist()
+    contiguous = plist.get_layout() == h5py.h5d.CONTIGUOUS and not plist.get_nfilters()
+    if contiguous and stored:
+        end = (ds.id.get_offset() or 0) + nbytes
+        if stored != nbytes or end > file_size:
+            raise FormatError(
+                path,
+                f"dataset {name!r}: shape {tuple(ds.shape)} needs {nbytes:,} bytes up to offset "
+                f"{end:,}, the file has {file_size:,}",
+                value=end,
+                limit=file_size,
+                remedy="the file is truncated or corrupt",
+            )
+    elif stored > file_size or nbytes > MAX_EXPANSION * stored + FILL_ALLOWANCE:
+        limit = min(stored, file_size) * MAX_EXPANSION + FILL_ALLOWANCE
+        problem = (
+            f"dataset {name!r}: shape {tuple(ds.shape)} claims {nbytes:,} bytes from "
+            f"{stored:,} stored (more than {MAX_EXPANSION}x expansion)"
+        )
+        raise FormatError(path, problem, value=nbytes, limit=limit, remedy=CRAFTED)
+
+
 def _load(path: Path, name: str, ds, spec: dtypes.DType):
     import numpy as np
     import torch
 
     try:
         raw = np.asarray(ds[()])
-    except (OSError, RuntimeError, ValueError) as exc:
+    except H5_ERRORS as exc:
         raise FormatError(path, f"dataset {name!r}: cannot read: {exc}") from None
     if spec.bit_pattern and raw.dtype.kind == "V":  # ml_dtypes arrays land as opaque bytes
         arr = np.ascontiguousarray(raw).view(np.dtype(spec.numpy))
@@ -155,12 +257,13 @@ def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
     ckpt = Checkpoint(tensors={}, structure=None, format=NAME, source=str(path))
     ckpt._closers.append(f.close)
     try:
+        file_size = os.path.getsize(path)
         records = {k: _text(v) for k, v in f.attrs.items() if isinstance(v, str | bytes)}
-        layout, pairs = _layout(f)
-        renamed = {p: n for n, p in json.loads(records.pop(PATHS_KEY, "{}")).items()}
+        layout, pairs = _layout(f, path)
+        renamed = {p: n for n, p in _json_map(path, records.pop(PATHS_KEY, "{}")).items()}
         # Hard links are one dataset under several names: one tensor plus aliases.
         # The canonical name is the one nnconv's record does not list as an alias.
-        recorded = json.loads(records.get(ALIASES_KEY, "{}"))
+        recorded = _json_map(path, records.get(ALIASES_KEY, "{}"))
         by_dataset: dict = {}
         for hpath, default, ds in pairs:
             by_dataset.setdefault(ds.id, (ds, []))[1].append(renamed.get(hpath, default))
@@ -169,6 +272,7 @@ def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
             name = next((n for n in names if n not in recorded), names[0])
             aliases.update({other: name for other in names if other != name})
             spec = _dtype_of(path, name, ds)
+            _check_storage(path, name, ds, spec.itemsize, file_size)
             ckpt.tensors[name] = LazyTensor(
                 spec.name,
                 tuple(ds.shape),
@@ -181,13 +285,24 @@ def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
         )
         if layout != "nnconv":
             ckpt.metadata["nnconv.layout"] = layout
-    except (OSError, KeyError, ValueError) as exc:
+    except H5_ERRORS as exc:
         ckpt.close()
         raise FormatError(path, f"corrupt HDF5 file: {exc}") from None
     except BaseException:
         ckpt.close()
         raise
     return ckpt
+
+
+def _json_map(path: Path, text: str) -> dict:
+    """One of nnconv's JSON maps stored as an attribute (malformed: FormatError)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(path, f"nnconv metadata is not valid JSON: {exc}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise FormatError(path, "nnconv metadata is not a map of names")
+    return value
 
 
 # --- writing ----------------------------------------------------------------

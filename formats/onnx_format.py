@@ -138,7 +138,7 @@ def from_model(model, *, subject: str | os.PathLike[str] | None, folder: Path | 
         )
     tensors: dict[str, LazyTensor] = {}
     for index, proto in enumerate(graph.initializer):
-        name = proto.name
+        name = _text(subject, proto.name, f"initializer #{index}'s name")
         if not name:
             raise FormatError(subject, f"initializer #{index} has no name")
         if name in tensors:
@@ -146,16 +146,17 @@ def from_model(model, *, subject: str | os.PathLike[str] | None, folder: Path | 
         tensors[name] = _lazy(proto, subject, folder)
     records: dict[str, str] = {}
     for prop in model.metadata_props:
-        if prop.key in records:
-            raise FormatError(subject, f"metadata_props key {prop.key!r} appears more than once")
-        records[prop.key] = prop.value
+        key = _text(subject, prop.key, "a metadata_props key")
+        if key in records:
+            raise FormatError(subject, f"metadata_props key {key!r} appears more than once")
+        records[key] = _text(subject, prop.value, f"metadata_props[{key!r}]")
     where, names = str(subject), list(tensors)
     try:
         structure, aliases, metadata = from_records(where, records, names)
     except FormatError:  # nnconv records describing other names (a renaming export): ignore them
         plain = {k: v for k, v in records.items() if k not in RESERVED_KEYS}
         structure, aliases, metadata = from_records(where, plain, names)
-    producer = f"{model.producer_name} {model.producer_version}".strip()
+    producer = f"{_lenient(model.producer_name)} {_lenient(model.producer_version)}".strip()
     if producer:
         metadata["onnx.producer"] = producer
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -169,6 +170,18 @@ def from_model(model, *, subject: str | os.PathLike[str] | None, folder: Path | 
         format=NAME,
         source=None if subject is None else str(subject),
     )
+
+
+def _text(subject, value: str | bytes, what: str) -> str:
+    """A protobuf string field: upb hands over proto2 strings that are not UTF-8 as bytes."""
+    if isinstance(value, bytes):
+        raise FormatError(subject, f"{what} is not valid UTF-8: {value[:60]!r}")
+    return value
+
+
+def _lenient(value: str | bytes) -> str:
+    """A descriptive string field (producer name): undecodable bytes shown, not refused."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _lazy(proto, subject, folder: Path | None) -> LazyTensor:
@@ -188,7 +201,10 @@ def _lazy(proto, subject, folder: Path | None) -> LazyTensor:
         raise FormatError(subject, f"initializer {name!r}: invalid dims {list(shape)}")
     nbytes = dtypes.numel(shape) * dtypes.DTYPES[dtype].itemsize
     if proto.data_location == EXTERNAL:
-        entries = {e.key: e.value for e in proto.external_data}
+        what = f"initializer {name!r}: an external_data entry"
+        entries = {
+            _text(subject, e.key, what): _text(subject, e.value, what) for e in proto.external_data
+        }
         _locate(subject, name, folder, entries, nbytes)  # refuse bad locations at read time
         return LazyTensor(
             dtype, shape, lambda: _read_external(subject, name, folder, entries, dtype, shape)

@@ -174,7 +174,7 @@ def scan_bytes(subject: str, data: bytes) -> list[str]:
     """Globals of one pickle held in memory, with malformed pickles as FormatError."""
     try:
         return scan(io.BytesIO(data))
-    except Exception as exc:  # pickletools raises ValueError and friends
+    except (ValueError, EOFError) as exc:  # what pickletools raises on corrupt data
         raise FormatError(subject, f"corrupt pickle: {exc}") from None
 
 

@@ -8,8 +8,11 @@ checks again.  Zip archives are memory-mapped, so tensors are read on demand.
 from __future__ import annotations
 
 import errno
+import os
+import struct
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 from . import pickle_gate
@@ -28,6 +31,20 @@ ZIP_MAGIC = b"PK\x03\x04"
 # pickle protocol 2 header + the LONG1 magic number torch's legacy format starts with
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 LEGACY_PICKLES = 5  # magic number, protocol version, sys info, the object, storage keys
+LINE_LIMIT = 1 << 20  # longest pickle text line (GLOBAL names, INT digits) the gate reads
+DEFLATE_MAX_RATIO = 1032  # deflate cannot expand data more than this
+# What zipfile raises on a corrupt archive besides BadZipFile: unsupported versions and
+# methods, undecodable names, bad seeks and struct fields, encrypted or broken deflate data.
+ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+    struct.error,
+    zlib.error,
+)
 
 
 def sniff(path: Path, head: bytes) -> bool:
@@ -38,7 +55,7 @@ def sniff(path: Path, head: bytes) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
             return any(n.endswith("data.pkl") for n in zf.namelist())
-    except (zipfile.BadZipFile, OSError):
+    except ZIP_ERRORS:
         return False
 
 
@@ -51,8 +68,31 @@ def is_torchscript(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
             return _is_torchscript(zf.namelist())
-    except (zipfile.BadZipFile, OSError):
+    except ZIP_ERRORS:
         return False
+
+
+class _Bounded:
+    """A file whose reads never ask for more than is left in it.
+
+    pickletools reads a whole length field's worth at once (``read(n)``
+    preallocates ``n`` bytes), so a corrupt 4-byte length would make a 1 KB
+    file allocate 4 GB before the short read is noticed.
+    """
+
+    def __init__(self, fh) -> None:
+        self.fh = fh
+        self.size = os.fstat(fh.fileno()).st_size
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.size - self.fh.tell())
+        return self.fh.read(left if n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        return self.fh.readline(LINE_LIMIT)
+
+    def tell(self) -> int:
+        return self.fh.tell()
 
 
 def globals_in(path: Path) -> list[str]:
@@ -68,10 +108,11 @@ def globals_in(path: Path) -> list[str]:
             )
         if head.startswith(LEGACY_MAGIC):
             found: list[str] = []
+            bounded = _Bounded(fh)
             try:
                 for _ in range(LEGACY_PICKLES):
-                    found += pickle_gate.scan(fh)
-            except Exception as exc:
+                    found += pickle_gate.scan(bounded)
+            except (ValueError, EOFError) as exc:  # what pickletools raises on corrupt data
                 raise FormatError(path, f"corrupt legacy torch file: {exc}") from None
             return found
     try:
@@ -87,9 +128,33 @@ def globals_in(path: Path) -> list[str]:
             pickles = [n for n in names if n.endswith("data.pkl")]
             if len(pickles) != 1:
                 raise FormatError(path, f"zip archive holds {len(pickles)} data.pkl records")
+            _check_records(path, zf)
             return pickle_gate.scan_bytes(str(path), zf.read(pickles[0]))
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except ZIP_ERRORS as exc:
         raise FormatError(path, f"corrupt or truncated torch zip archive: {exc}") from None
+
+
+def _check_records(path: Path, zf: zipfile.ZipFile) -> None:
+    """Every record must fit in the file: zipfile and torch allocate a record's declared
+    size before reading it, so a corrupt size field would allocate gigabytes."""
+    size = os.path.getsize(path)
+    for info in zf.infolist():
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise FormatError(
+                path,
+                f"record {info.filename!r} uses zip compression method {info.compress_type}, "
+                "which torch cannot read",
+            )
+        expands = 1 if info.compress_type == zipfile.ZIP_STORED else DEFLATE_MAX_RATIO
+        if info.header_offset + info.compress_size > size or (
+            info.file_size > expands * info.compress_size
+        ):
+            raise FormatError(
+                path,
+                f"record {info.filename!r} claims {info.file_size} bytes stored in "
+                f"{info.compress_size} at offset {info.header_offset} of a {size}-byte file",
+                remedy="the file is truncated or corrupt",
+            )
 
 
 def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:

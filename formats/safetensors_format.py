@@ -66,7 +66,7 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
         raise FormatError(path, f"cannot read: {exc.strerror or exc}") from None
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(path, f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise FormatError(path, "header is not a JSON object")
@@ -170,7 +170,7 @@ def _read_file(path: Path, ckpt: Checkpoint, weight_map: dict | None = None) -> 
 def _read_index(path: Path) -> tuple[Path, dict]:
     try:
         index = json.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(path, f"unreadable shard index: {exc}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
@@ -182,6 +182,14 @@ def _read_index(path: Path) -> tuple[Path, dict]:
     if not isinstance(metadata, dict):
         raise FormatError(path, "shard index metadata is not an object")
     return path.parent, index
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for names no file can have (too long, NUL bytes)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
@@ -203,7 +211,7 @@ def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
             by_shard.setdefault(shard, set()).add(name)
         for shard, names in by_shard.items():
             shard_path = folder / shard
-            if Path(shard).name != shard or not shard_path.is_file():
+            if Path(shard).name != shard or not _is_file(shard_path):
                 raise FormatError(
                     index_path, f"shard {shard!r} (holding e.g. {sorted(names)[0]!r}) is missing"
                 )

@@ -1,0 +1,120 @@
+"""Write the fuzz seeds that ``fixtures/`` does not provide (run it from anywhere).
+
+The fixtures cover pt, single-file safetensors and nnconv's HDF5 layout; the
+readers have more input shapes than that, and mutation only reaches code that
+some seed already gets to: ONNX with inline, typed-field and external data, a
+sharded safetensors index, and both Keras HDF5 layouts.  All are small, so the
+fuzzer spends its time on structure rather than on tensor bytes.  The output
+is deterministic except for the ONNX exporter's own producer fields.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from nnconv.converter import save
+from nnconv.converter.export import export_onnx
+from nnconv.converter.inputs import InputSpec
+
+HERE = Path(__file__).resolve().parent
+FIXTURES = HERE.parents[2] / "fixtures"
+
+
+def _models():
+    spec = importlib.util.spec_from_file_location("nnconv_fixture_models", FIXTURES / "models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def onnx_seeds() -> None:
+    torch.manual_seed(0)
+    out = HERE / "onnx"
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "external").mkdir(parents=True)
+    x = [InputSpec("x", (2, 20))]
+    export_onnx(_models().MLP(), out / "mlp.onnx", inputs=x, exporter="torchscript")
+    tiny = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    export_onnx(
+        tiny,
+        out / "external" / "tiny.onnx",
+        inputs=[InputSpec("x", (1, 4))],
+        exporter="torchscript",
+        external_data_threshold=0,
+    )
+    # Values in the typed repeated fields (float_data, int32_data...) rather than raw_data.
+    inits = [
+        helper.make_tensor("f32", TensorProto.FLOAT, [2, 2], [1.0, -2.0, 0.5, 3.0]),
+        helper.make_tensor("f64", TensorProto.DOUBLE, [2], [1.5, -0.25]),
+        helper.make_tensor("i64", TensorProto.INT64, [3], [1, -7, 2**40]),
+        helper.make_tensor("i8", TensorProto.INT8, [2], [-3, 5]),
+        helper.make_tensor("f16", TensorProto.FLOAT16, [2], np.array([1, 2], dtype=np.float16)),
+        helper.make_tensor("b", TensorProto.BOOL, [2], [True, False]),
+        helper.make_tensor("u64", TensorProto.UINT64, [1], [2**63]),
+        helper.make_tensor("c64", TensorProto.COMPLEX64, [1], [complex(1.0, 2.0)]),
+    ]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["f32"], ["y"])],
+        "typed",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(model, {"author": "nnconv fuzz seed", "nnconv.version": "1"})
+    onnx.checker.check_model(model)
+    onnx.save(model, out / "typed.onnx")
+
+
+def safetensors_seeds() -> None:
+    out = HERE / "safetensors" / "sharded"
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(exist_ok=True)
+    state = {
+        "a.weight": torch.arange(12, dtype=torch.float32).reshape(4, 3),
+        "a.bias": torch.arange(3, dtype=torch.float16),
+        "b": torch.tensor([1, 2, 3], dtype=torch.int64),
+    }
+    save(state, out, format="safetensors", shard_size=40)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1, "the seed must have several shards"
+
+
+def hdf5_seeds() -> None:
+    out = HERE / "hdf5"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    with h5py.File(out / "model.weights.h5", "w") as f:  # Keras 3 layout
+        f.create_group("vars")
+        f.create_dataset("layers/dense/vars/0", data=rng.standard_normal((3, 2), np.float32))
+        f.create_dataset("layers/dense/vars/1", data=np.zeros(2, np.float32))
+        ds = f.create_dataset("layers/dense_1/vars/0", data=np.array([1, 2], np.uint16))
+        ds.attrs["dtype"] = "bfloat16"
+    with h5py.File(out / "keras_legacy.h5", "w") as f:  # tf.keras 2 model.save layout
+        f.attrs["keras_version"] = "2.15.0"
+        root = f.create_group("model_weights")
+        root.attrs["layer_names"] = np.array([b"dense", b"dropout"])
+        group = root.create_group("dense")
+        group.attrs["weight_names"] = np.array([b"dense/kernel:0", b"dense/bias:0"])
+        group.create_dataset("dense/kernel:0", data=rng.standard_normal((2, 2), np.float32))
+        group.create_dataset("dense/bias:0", data=np.ones(2, np.float64))
+        root.create_group("dropout").attrs["weight_names"] = np.array([], dtype="S1")
+
+
+if __name__ == "__main__":
+    onnx_seeds()
+    safetensors_seeds()
+    hdf5_seeds()
+    for path in sorted(HERE.rglob("*")):
+        if path.is_file() and path.suffix != ".py":
+            print(f"{path.stat().st_size:>8}  {path.relative_to(HERE)}")
