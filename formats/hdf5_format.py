@@ -266,6 +266,8 @@ def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
         recorded = _json_map(path, records.get(ALIASES_KEY, "{}"))
         by_dataset: dict = {}
         for hpath, default, ds in pairs:
+            if not isinstance(ds, h5py.Dataset):  # a Keras weight name pointing at a group
+                raise FormatError(path, f"{hpath!r} is a {type(ds).__name__}, not a dataset")
             by_dataset.setdefault(ds.id, (ds, []))[1].append(renamed.get(hpath, default))
         aliases: dict[str, str] = {}
         for ds, names in by_dataset.values():
