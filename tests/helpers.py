@@ -137,3 +137,13 @@ def assert_shares_storage(a: torch.Tensor, b: torch.Tensor, *, shared: bool = Tr
         assert same, "tensors do not share storage"
     else:
         assert not same, "tensors share storage"
+
+
+class Payload:
+    """A malicious pickle: unpickling it creates ``marker`` (proof that code ran)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))

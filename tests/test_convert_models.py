@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import Payload
 from safetensors.torch import load_file
 from zoo import MODELS_FILE, ZOO, build, fixture_models, spec
 
@@ -125,14 +126,6 @@ def test_torchscript_archive_converts(tmp_path):
     back = load_file(tmp_path / "ts.safetensors")
     for key, value in net.state_dict().items():
         assert torch.equal(back[key], value)
-
-
-class Payload:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').close()",))
 
 
 @pytest.mark.parametrize("container", ["zip", "bare"])

@@ -11,6 +11,7 @@ import jsonschema
 import onnx
 import pytest
 import torch
+from helpers import Payload
 from zoo import ZOO, build, spec
 
 from nnconv.converter import convert, save
@@ -228,19 +229,11 @@ def test_device_all_compares_cpu_and_cuda(tmp_path):
     assert any(o.device == "cpu vs cuda" for c in report.candidates for o in c.outputs)
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').close()",))
-
-
 @pytest.mark.parametrize("side", ["reference", "candidate"])
 def test_malicious_pickle_is_refused_by_verify(tmp_path, side):
     marker = tmp_path / "MARKER"
     evil = tmp_path / "evil.pt"
-    torch.save({"w": torch.zeros(2), "x": _Payload(marker)}, evil)
+    torch.save({"w": torch.zeros(2), "x": Payload(marker)}, evil)
     good = ROOT / "fixtures" / "mlp.params"
     args = [evil, good] if side == "reference" else [good, evil]
     rc, out, err = _cli("verify", *args)
