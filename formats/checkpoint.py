@@ -42,15 +42,36 @@ MAX_DEPTH = 100
 MAX_TENSORS = 10_000_000
 
 
+@dataclass(frozen=True)
+class Span:
+    """Where a tensor's values lie in a file as raw little-endian C-order bytes.
+
+    Readers set it when the format stores a tensor that way (safetensors, torch
+    zip records, contiguous HDF5 datasets), so writers and verify can move and
+    compare bytes without materialising tensors or importing torch.
+    """
+
+    path: str
+    offset: int
+    nbytes: int
+
+
 class LazyTensor:
     """A tensor's dtype and shape now, its values when :meth:`load` is called."""
 
-    __slots__ = ("dtype", "shape", "_load")
+    __slots__ = ("dtype", "shape", "_load", "span")
 
-    def __init__(self, dtype: str, shape: tuple[int, ...], load: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        dtype: str,
+        shape: tuple[int, ...],
+        load: Callable[[], Any],
+        span: Span | None = None,
+    ) -> None:
         self.dtype = dtype
         self.shape = tuple(shape)
         self._load = load
+        self.span = span
 
     @property
     def numel(self) -> int:

@@ -1,0 +1,138 @@
+"""Moving and comparing tensor bytes without torch: the route to the speed of ``cp``.
+
+Where a source stores a tensor as raw little-endian bytes (a :class:`Span`), a
+writer places those bytes straight into the destination at a precomputed
+offset: ``os.copy_file_range`` copies inside the kernel, and a writer that
+must checksum (the torch zip format's CRC-32) reads them once through a
+memory map.  Tensors without a span (ONNX initializers, casts, modules) fall
+back to their torch values.  Nothing here holds more than one tensor's bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import zlib
+from collections.abc import Iterator
+
+from .checkpoint import LazyTensor, Span, tensor_bytes
+from .errors import FormatError
+
+CHUNK = 64 << 20  # bytes per copy or compare step: large enough to amortise the calls
+COMPARE_CHUNK = 1 << 20  # bytes per comparison step: stays in the CPU cache
+# copy_file_range refuses some pairs (other file systems on old kernels, special files).
+NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
+class SpanReader:
+    """The source files of one write or comparison, each opened and mapped once."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, tuple[int, mmap.mmap | None]] = {}
+        self._kernel_copy = hasattr(os, "copy_file_range")
+
+    def __enter__(self) -> SpanReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd, mapping in self._files.values():
+            if mapping is not None:
+                mapping.close()
+            os.close(fd)
+        self._files.clear()
+
+    def _open(self, span: Span) -> tuple[int, mmap.mmap | None]:
+        entry = self._files.get(span.path)
+        if entry is None:
+            fd = os.open(span.path, os.O_RDONLY)
+            size = os.fstat(fd).st_size
+            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
+            entry = self._files[span.path] = (fd, mapping)
+        if entry[1] is None or span.offset + span.nbytes > len(entry[1]):
+            raise FormatError(
+                span.path,
+                f"tensor bytes {span.offset}..{span.offset + span.nbytes} lie past the end of "
+                "the file",
+                remedy="the file was truncated or changed while nnconv read it",
+            )
+        return entry
+
+    def view(self, span: Span) -> memoryview:
+        """The span's bytes, mapped (no copy); release it before :meth:`close`."""
+        if not span.nbytes:
+            return memoryview(b"")
+        _, mapping = self._open(span)
+        return memoryview(mapping)[span.offset : span.offset + span.nbytes]
+
+    def chunks(self, lazy: LazyTensor, size: int = CHUNK) -> Iterator[memoryview]:
+        """A tensor's bytes in order: mapped slices of its span, else its loaded values."""
+        if lazy.span is None:
+            yield tensor_bytes(lazy.load())
+            return
+        view = self.view(lazy.span)
+        try:
+            for start in range(0, len(view), size):
+                piece = view[start : start + size]
+                yield piece
+                piece.release()
+        finally:
+            view.release()
+
+    def write_at(self, fd: int, offset: int, lazy: LazyTensor, *, crc: bool = False) -> int:
+        """Place a tensor's bytes at ``offset`` of ``fd``; return their CRC-32 (0 unless
+        ``crc``).  Spans are copied in the kernel when no checksum is needed."""
+        if lazy.span is not None and not crc and self._kernel_copy:
+            try:
+                self._kernel_copy_span(lazy.span, fd, offset)
+                return 0
+            except OSError as exc:
+                if exc.errno not in NO_KERNEL_COPY:
+                    raise
+                self._kernel_copy = False
+        checksum = 0
+        for piece in self.chunks(lazy):
+            if crc:
+                checksum = zlib.crc32(piece, checksum)
+            write_all(fd, piece, offset)
+            offset += len(piece)
+        return checksum
+
+    def _kernel_copy_span(self, span: Span, fd: int, offset: int) -> None:
+        src, _ = self._open(span)
+        done = 0
+        while done < span.nbytes:
+            n = os.copy_file_range(
+                src, fd, min(span.nbytes - done, 1 << 30), span.offset + done, offset + done
+            )
+            if n == 0:
+                raise FormatError(span.path, "file ended while its tensor bytes were copied")
+            done += n
+
+    def equal(self, a: Span, b: Span) -> bool:
+        """True when two spans hold the same bytes: compared in cache-sized steps, mapped."""
+        if a.nbytes != b.nbytes:
+            return False
+        x, y = self.view(a), self.view(b)
+        try:
+            for start in range(0, a.nbytes, COMPARE_CHUNK):
+                stop = start + COMPARE_CHUNK
+                if x[start:stop].tobytes() != y[start:stop].tobytes():
+                    return False
+            return True
+        finally:
+            x.release()
+            y.release()
+
+
+def write_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """``os.pwrite`` until every byte is written (it may write fewer)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n == 0:
+            raise OSError(errno.EIO, "short write (disk full or file size limit?)")
+        view, offset = view[n:], offset + n
