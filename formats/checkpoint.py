@@ -251,63 +251,48 @@ def iter_leaves(node: Any) -> Iterator[dict]:
 # --- Python objects <-> checkpoints (torch needed from here on) -------------
 
 
-def from_object(obj: Any, *, subject: str | None = None) -> Checkpoint:
-    """Describe a ``torch.save``-able object (tensor, list, dict, state_dict...)."""
-    import torch
+class Describer:
+    """Builds a checkpoint from a Python object graph: tensors, aliases and structure.
 
-    tensors: dict[str, LazyTensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
+    ``tensor_leaf(value, path)`` recognises a tensor (a torch.Tensor, or a
+    reference to bytes in a torch zip archive) and returns its leaf node by
+    calling :meth:`add`; it returns None for anything else.
+    """
 
-    def unique(name: str) -> str:
-        candidate, n = name, 1
-        while candidate in tensors or candidate in aliases:
+    def __init__(self, subject: str | None, tensor_leaf: Callable[[Any, str], dict | None]):
+        self.subject = subject
+        self.tensors: dict[str, LazyTensor] = {}
+        self.aliases: dict[str, str] = {}
+        self._seen: dict[Any, str] = {}
+        self._tensor_leaf = tensor_leaf
+
+    def add(self, path: str, lazy: LazyTensor, key: Any = None) -> dict:
+        """Name a tensor after its path; one already seen under ``key`` becomes an alias."""
+        check_count(self.subject, len(self.tensors) + len(self.aliases) + 1, UnsupportedError)
+        dtypes.get(lazy.dtype, subject=self.subject)
+        name, n = path or ROOT_TENSOR_NAME, 1
+        while name in self.tensors or name in self.aliases:
             n += 1
-            candidate = f"{name}#{n}"
-        return candidate
-
-    def tensor_leaf(t: torch.Tensor, path: str) -> dict:
-        if isinstance(t, torch.nn.parameter.UninitializedTensorMixin) or t.is_meta:
-            raise LazyParameterError(
-                subject,
-                f"{path or 'the object'} is an uninitialised lazy parameter with no shape or "
-                "values",
-                remedy="run the model once on an example input (or load a checkpoint into it) "
-                "before calling state_dict()",
-            )
-        if t.layout != torch.strided or t.is_quantized or t.is_nested:
-            raise UnsupportedError(subject, f"{path}: {t.layout} tensors are not supported")
-        check_count(subject, len(tensors) + len(aliases) + 1, UnsupportedError)
-        name = unique(path or ROOT_TENSOR_NAME)
-        dtype = str(t.dtype).removeprefix("torch.")
-        dtypes.get(dtype, subject=subject)
-        t = t.detach()
-        key = None
-        if t.numel() and t.device.type == "cpu":
-            storage = t.untyped_storage()
-            # Strides of size-1 dimensions do not matter (and view() resets them).
-            stride = tuple(0 if n == 1 else st for n, st in zip(t.shape, t.stride(), strict=True))
-            key = (storage.data_ptr(), t.storage_offset(), tuple(t.shape), stride, t.dtype)
-        if key is not None and key in seen:
-            aliases[name] = seen[key]
+            name = f"{path or ROOT_TENSOR_NAME}#{n}"
+        if key is not None and key in self._seen:
+            self.aliases[name] = self._seen[key]
         else:
             if key is not None:
-                seen[key] = name
-            tensors[name] = LazyTensor(dtype, tuple(t.shape), lambda t=t: t.cpu())
+                self._seen[key] = name
+            self.tensors[name] = lazy
         return {"t": name}
 
-    def walk(value: Any, path: str, depth: int) -> Any:
-        if isinstance(value, torch.Tensor):
-            leaf = tensor_leaf(value, path)
-            if isinstance(value, torch.nn.Parameter):
-                leaf["p"] = 1
-                if not value.requires_grad:
-                    leaf["g"] = 0
-            elif value.requires_grad:
-                leaf["g"] = 1
+    def checkpoint(self, obj: Any) -> Checkpoint:
+        structure = self._walk(obj, "", 0)
+        return Checkpoint(tensors=self.tensors, structure=structure, aliases=self.aliases)
+
+    def _walk(self, value: Any, path: str, depth: int) -> Any:
+        leaf = self._tensor_leaf(value, path)
+        if leaf is not None:
             return leaf
         if isinstance(value, SCALARS):
             return value
+        subject = self.subject
         if depth >= MAX_DEPTH and type(value) in (dict, OrderedDict, list, tuple):
             raise _depth_error(subject, UnsupportedError, f"{path}: ")
         join = (lambda k: f"{path}.{k}") if path else str
@@ -316,7 +301,7 @@ def from_object(obj: Any, *, subject: str | None = None) -> Checkpoint:
             for k, v in value.items():
                 if not isinstance(k, SCALARS):
                     raise UnsupportedError(subject, f"{path}: dict key {k!r} is not a scalar")
-                items.append([k, walk(v, join(k), depth + 1)])
+                items.append([k, self._walk(v, join(k), depth + 1)])
             node: dict[str, Any] = {"d": items}
             if isinstance(value, OrderedDict):
                 node["o"] = 1
@@ -328,7 +313,7 @@ def from_object(obj: Any, *, subject: str | None = None) -> Checkpoint:
                     raise UnsupportedError(subject, f"{path}: _metadata is not JSON data") from None
             return node
         if type(value) in (list, tuple):
-            children = [walk(v, join(i), depth + 1) for i, v in enumerate(value)]
+            children = [self._walk(v, join(i), depth + 1) for i, v in enumerate(value)]
             return {"l" if isinstance(value, list) else "u": children}
         raise UnsupportedError(
             subject,
@@ -337,8 +322,50 @@ def from_object(obj: Any, *, subject: str | None = None) -> Checkpoint:
             "leaves can be converted",
         )
 
-    structure = walk(obj, "", 0)
-    return Checkpoint(tensors=tensors, structure=structure, aliases=aliases)
+
+def tensor_flags(leaf: dict, *, parameter: bool, requires_grad: bool) -> dict:
+    """Record nn.Parameter and requires_grad on a leaf, as :func:`to_object` restores them."""
+    if parameter:
+        leaf["p"] = 1
+        if not requires_grad:
+            leaf["g"] = 0
+    elif requires_grad:
+        leaf["g"] = 1
+    return leaf
+
+
+def from_object(obj: Any, *, subject: str | None = None) -> Checkpoint:
+    """Describe a ``torch.save``-able object (tensor, list, dict, state_dict...)."""
+    import torch
+
+    def tensor_leaf(t: Any, path: str) -> dict | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        if isinstance(t, torch.nn.parameter.UninitializedTensorMixin) or t.is_meta:
+            raise LazyParameterError(
+                subject,
+                f"{path or 'the object'} is an uninitialised lazy parameter with no shape or "
+                "values",
+                remedy="run the model once on an example input (or load a checkpoint into it) "
+                "before calling state_dict()",
+            )
+        if t.layout != torch.strided or t.is_quantized or t.is_nested:
+            raise UnsupportedError(subject, f"{path}: {t.layout} tensors are not supported")
+        dtype = str(t.dtype).removeprefix("torch.")
+        parameter, requires_grad = isinstance(t, torch.nn.Parameter), t.requires_grad
+        t = t.detach()
+        key = None
+        if t.numel() and t.device.type == "cpu":
+            storage = t.untyped_storage()
+            # Strides of size-1 dimensions do not matter (and view() resets them).
+            stride = tuple(0 if n == 1 else st for n, st in zip(t.shape, t.stride(), strict=True))
+            key = (storage.data_ptr(), t.storage_offset(), tuple(t.shape), stride, t.dtype)
+        lazy = LazyTensor(dtype, tuple(t.shape), lambda t=t: t.cpu())
+        leaf = describer.add(path, lazy, key)
+        return tensor_flags(leaf, parameter=parameter, requires_grad=requires_grad)
+
+    describer = Describer(subject, tensor_leaf)
+    return describer.checkpoint(obj)
 
 
 def to_object(ckpt: Checkpoint) -> Any:

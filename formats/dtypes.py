@@ -21,35 +21,38 @@ class DType:
     safetensors: str | None  # safetensors header code, None when it has none
     numpy: str  # numpy dtype HDF5 stores; bit-pattern types use an unsigned int
     bit_pattern: bool = False  # True when ``numpy`` only carries the bits
+    storage: str | None = None  # torch's legacy typed-storage class in torch.save pickles
 
 
 _TABLE = [
-    DType("float64", 8, True, "F64", "<f8"),
-    DType("float32", 4, True, "F32", "<f4"),
-    DType("float16", 2, True, "F16", "<f2"),
-    DType("bfloat16", 2, True, "BF16", "<u2", bit_pattern=True),
+    DType("float64", 8, True, "F64", "<f8", storage="DoubleStorage"),
+    DType("float32", 4, True, "F32", "<f4", storage="FloatStorage"),
+    DType("float16", 2, True, "F16", "<f2", storage="HalfStorage"),
+    DType("bfloat16", 2, True, "BF16", "<u2", bit_pattern=True, storage="BFloat16Storage"),
     DType("float8_e4m3fn", 1, True, "F8_E4M3", "u1", bit_pattern=True),
     DType("float8_e5m2", 1, True, "F8_E5M2", "u1", bit_pattern=True),
     DType("float8_e4m3fnuz", 1, True, None, "u1", bit_pattern=True),
     DType("float8_e5m2fnuz", 1, True, None, "u1", bit_pattern=True),
     DType("float8_e8m0fnu", 1, True, "F8_E8M0", "u1", bit_pattern=True),
-    DType("complex64", 8, False, "C64", "<c8"),
-    DType("complex128", 16, False, None, "<c16"),
-    DType("int64", 8, False, "I64", "<i8"),
-    DType("int32", 4, False, "I32", "<i4"),
-    DType("int16", 2, False, "I16", "<i2"),
-    DType("int8", 1, False, "I8", "i1"),
+    DType("complex64", 8, False, "C64", "<c8", storage="ComplexFloatStorage"),
+    DType("complex128", 16, False, None, "<c16", storage="ComplexDoubleStorage"),
+    DType("int64", 8, False, "I64", "<i8", storage="LongStorage"),
+    DType("int32", 4, False, "I32", "<i4", storage="IntStorage"),
+    DType("int16", 2, False, "I16", "<i2", storage="ShortStorage"),
+    DType("int8", 1, False, "I8", "i1", storage="CharStorage"),
     DType("uint64", 8, False, "U64", "<u8"),
     DType("uint32", 4, False, "U32", "<u4"),
     DType("uint16", 2, False, "U16", "<u2"),
-    DType("uint8", 1, False, "U8", "u1"),
-    DType("bool", 1, False, "BOOL", "?"),
+    DType("uint8", 1, False, "U8", "u1", storage="ByteStorage"),
+    DType("bool", 1, False, "BOOL", "?", storage="BoolStorage"),
 ]
 
 DTYPES: dict[str, DType] = {d.name: d for d in _TABLE}
 BY_SAFETENSORS: dict[str, DType] = {d.safetensors: d for d in _TABLE if d.safetensors}
 # numpy dtype string -> DType, for HDF5 datasets without a ``dtype`` attribute.
 BY_NUMPY: dict[str, DType] = {d.numpy: d for d in _TABLE if not d.bit_pattern}
+# torch.save names storages by dtype: a legacy class (torch.FloatStorage) where one exists.
+BY_STORAGE: dict[str, DType] = {d.storage: d for d in _TABLE if d.storage}
 CAST_TARGETS = ("float16", "bfloat16", "float32")
 
 

@@ -7,17 +7,17 @@ checks again.  Zip archives are memory-mapped, so tensors are read on demand.
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 import warnings
 import zipfile
 import zlib
+from functools import partial
 from pathlib import Path
 
-from . import pickle_gate
+from . import dtypes, pickle_gate, rawio, torchpickle, torchzip
 from .atomic import atomic_output
-from .checkpoint import Checkpoint, from_object, to_object
+from .checkpoint import Checkpoint, Describer, LazyTensor, Span, from_object, tensor_flags
 from .errors import FormatError, NnconvError, UnsupportedError, UsageError
 from .options import DEFAULT_OPTIONS, WriteOptions
 
@@ -162,6 +162,9 @@ def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
     globals_ = globals_in(path)
     if not trust_pickle:
         pickle_gate.check(str(path), globals_)
+    plain = _read_plain(path)
+    if plain is not None:
+        return plain
     import torch  # only once the gate has passed: refusing a file stays cheap
 
     legacy = not zipfile.is_zipfile(path)
@@ -187,22 +190,108 @@ def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
     return ckpt
 
 
-def write(ckpt: Checkpoint, path: Path, *, options: WriteOptions = DEFAULT_OPTIONS) -> None:
-    import torch
+def _read_plain(path: Path) -> Checkpoint | None:
+    """A zip archive of plain tensors and containers, read without torch; None when the
+    file needs torch.load (legacy format, big-endian, other globals, compressed records)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            pickles = [i.filename for i in infos if i.filename.endswith("data.pkl")]
+            prefix = pickles[0][: -len("data.pkl")]
+            if (
+                zf.NameToInfo.get(prefix + "byteorder")
+                and zf.read(prefix + "byteorder") != b"little"
+            ):
+                return None
+            obj = torchpickle.load(zf.read(pickles[0]))
+    except torchpickle.NotPlain:
+        return None
+    except (*ZIP_ERRORS, IndexError):  # zipfile.is_zipfile missed it: torch decides
+        return None
+    records = torchzip.index(path, infos)
+    mapping = rawio.MappedFile(path)
 
+    def tensor_leaf(value, name: str) -> dict | None:
+        parameter = isinstance(value, torchpickle.ParameterRef)
+        ref = value.tensor if parameter else value
+        if not isinstance(ref, torchpickle.TensorRef):
+            return None
+        lazy, key = _lazy(path, records, prefix, ref, mapping)
+        leaf = describer.add(name, lazy, key)
+        grad = value.requires_grad if parameter else ref.requires_grad
+        return tensor_flags(leaf, parameter=parameter, requires_grad=grad)
+
+    describer = Describer(str(path), tensor_leaf)
+    try:
+        ckpt = describer.checkpoint(obj)
+    except torchpickle.NotPlain:
+        return None
+    ckpt.format, ckpt.source = NAME, str(path)
+    return ckpt
+
+
+def _lazy(path: Path, records: dict, prefix: str, ref, mapping) -> tuple[LazyTensor, tuple]:
+    """A tensor reference as a lazy tensor: a span when its bytes are contiguous."""
+    record = records.get(f"{prefix}data/{ref.storage.key}")
+    if record is None:
+        raise FormatError(path, f"storage {ref.storage.key!r} has no data record")
+    if not record.stored:
+        raise torchpickle.NotPlain("compressed storage record")
+    spec = dtypes.get(ref.dtype, subject=str(path))
+    size = ref.storage.numel * (spec.itemsize if ref.storage.dtype else 1)
+    if size != record.size:
+        raise FormatError(
+            path,
+            f"storage {ref.storage.key!r} declares {size} bytes, its record holds {record.size}",
+        )
+    numel = dtypes.numel(ref.shape)
+    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride, strict=True))
+    if numel and (last + 1) * spec.itemsize > size:
+        raise FormatError(
+            path, f"a tensor of shape {list(ref.shape)} reaches past its {size}-byte storage"
+        )
+    contiguous, step = True, 1
+    for n, s in zip(reversed(ref.shape), reversed(ref.stride), strict=True):
+        contiguous &= n == 1 or s == step
+        step *= n
+    start, nbytes = record.offset + ref.offset * spec.itemsize, numel * spec.itemsize
+    if contiguous:
+        load = partial(mapping.tensor, ref.dtype, ref.shape, start, nbytes)
+        lazy = LazyTensor(ref.dtype, ref.shape, load, span=Span(str(path), start, nbytes))
+    else:
+        view = (ref.stride, ref.offset)
+        load = partial(mapping.tensor, ref.dtype, ref.shape, record.offset, size, view=view)
+        lazy = LazyTensor(ref.dtype, ref.shape, load)
+    stride = tuple(0 if n == 1 else s for n, s in zip(ref.shape, ref.stride, strict=True))
+    return lazy, (ref.storage.key, ref.offset, ref.shape, stride, ref.dtype)
+
+
+def write(ckpt: Checkpoint, path: Path, *, options: WriteOptions = DEFAULT_OPTIONS) -> None:
+    """A torch.save zip archive written by nnconv itself, tensor bytes copied one at a time
+    (see :mod:`torchzip`); plain ``torch.load`` reads it."""
     if options.shard_size or options.compression:
         raise UsageError(path, "--shard-size and --compression do not apply to pt files")
-    obj = to_object(ckpt)
-    # Through a file object, a full disk or a size limit surfaces as the OSError it is.
-    with atomic_output(Path(path), force=options.force) as tmp, open(tmp, "wb") as fh:
-        try:
-            torch.save(obj, fh)
-        except RuntimeError as exc:
-            cause = exc.__context__ or exc.__cause__
-            if isinstance(cause, OSError):
-                raise cause from None
-            if "unexpected pos" in str(exc):  # the zip writer lost bytes: the write fell short
-                raise OSError(errno.EIO, "short write (disk full or file size limit?)") from None
-            raise
-    if options.progress:
-        options.progress(ckpt.nbytes)
+    keys = {name: str(i) for i, name in enumerate(ckpt.tensors)}
+
+    def storage_of(name: str) -> tuple[str, str, tuple[int, ...]]:
+        canonical = ckpt.aliases.get(name, name)
+        lazy = ckpt.tensors[canonical]
+        return keys[canonical], lazy.dtype, lazy.shape
+
+    data = torchpickle.Emitter(storage_of).dumps(ckpt.structure)
+    done = 0
+    with atomic_output(Path(path), force=options.force) as tmp, rawio.SpanReader() as reader:
+
+        def filler(name: str, lazy: LazyTensor):
+            def fill(fd: int, offset: int) -> int:
+                nonlocal done
+                crc = reader.write_at(fd, offset, lazy, name=name, crc=True)
+                done += lazy.nbytes
+                if options.progress:
+                    options.progress(done)
+                return crc
+
+            return fill
+
+        storages = [(lazy.nbytes, filler(n, lazy)) for n, lazy in ckpt.tensors.items()]
+        torchzip.write(tmp, data, storages)

@@ -10,6 +10,7 @@ back to their torch values.  Nothing here holds more than one tensor's bytes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -23,6 +24,37 @@ CHUNK = 64 << 20  # bytes per copy or compare step: large enough to amortise the
 COMPARE_CHUNK = 1 << 20  # bytes per comparison step: stays in the CPU cache
 # copy_file_range refuses some pairs (other file systems on old kernels, special files).
 NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
+class MappedFile:
+    """A private (copy-on-write) memory map of one file, opened on first use.
+
+    Tensors made from it are views of the map: alive, they keep it open; a
+    caller writing into one changes its own copy of the page, never the file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path, self.map = path, None
+
+    def tensor(self, dtype: str, shape: tuple[int, ...], offset: int, nbytes: int, *, view=None):
+        """The ``nbytes`` at ``offset`` as a ``dtype`` tensor of ``shape``; ``view`` =
+        (stride, element offset) takes a strided view of those bytes instead."""
+        import torch
+
+        torch_dtype = getattr(torch, dtype)
+        if not nbytes:
+            return torch.empty(shape, dtype=torch_dtype)
+        if self.map is None:
+            with open(self.path, "rb") as fh:
+                self.map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        flat = torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=offset)
+        if offset % flat.new_empty(0, dtype=torch_dtype).element_size():
+            flat = flat.clone()  # an unaligned record (foreign zip writers): a copy
+        values = flat.view(torch_dtype)
+        if view is None:
+            return values.reshape(shape)
+        stride, element_offset = view
+        return values.as_strided(shape, stride, element_offset)
 
 
 class SpanReader:
@@ -41,7 +73,8 @@ class SpanReader:
     def close(self) -> None:
         for fd, mapping in self._files.values():
             if mapping is not None:
-                mapping.close()
+                with contextlib.suppress(BufferError):  # a view kept alive by a traceback:
+                    mapping.close()  # the map closes when that view goes
             os.close(fd)
         self._files.clear()
 
@@ -68,21 +101,30 @@ class SpanReader:
         _, mapping = self._open(span)
         return memoryview(mapping)[span.offset : span.offset + span.nbytes]
 
-    def chunks(self, lazy: LazyTensor, size: int = CHUNK) -> Iterator[memoryview]:
+    def chunks(
+        self, lazy: LazyTensor, *, name: str = "tensor", size: int = CHUNK
+    ) -> Iterator[memoryview]:
         """A tensor's bytes in order: mapped slices of its span, else its loaded values."""
         if lazy.span is None:
-            yield tensor_bytes(lazy.load())
+            data = tensor_bytes(lazy.load())
+            if len(data) != lazy.nbytes:
+                raise FormatError(None, f"{name!r} loaded {len(data)} bytes, not {lazy.nbytes}")
+            yield data
             return
         view = self.view(lazy.span)
         try:
             for start in range(0, len(view), size):
                 piece = view[start : start + size]
-                yield piece
-                piece.release()
+                try:
+                    yield piece
+                finally:
+                    piece.release()
         finally:
             view.release()
 
-    def write_at(self, fd: int, offset: int, lazy: LazyTensor, *, crc: bool = False) -> int:
+    def write_at(
+        self, fd: int, offset: int, lazy: LazyTensor, *, name: str = "tensor", crc: bool = False
+    ) -> int:
         """Place a tensor's bytes at ``offset`` of ``fd``; return their CRC-32 (0 unless
         ``crc``).  Spans are copied in the kernel when no checksum is needed."""
         if lazy.span is not None and not crc and self._kernel_copy:
@@ -94,11 +136,12 @@ class SpanReader:
                     raise
                 self._kernel_copy = False
         checksum = 0
-        for piece in self.chunks(lazy):
-            if crc:
-                checksum = zlib.crc32(piece, checksum)
-            write_all(fd, piece, offset)
-            offset += len(piece)
+        with contextlib.closing(self.chunks(lazy, name=name)) as pieces:
+            for piece in pieces:
+                if crc:
+                    checksum = zlib.crc32(piece, checksum)
+                write_all(fd, piece, offset)
+                offset += len(piece)
         return checksum
 
     def _kernel_copy_span(self, span: Span, fd: int, offset: int) -> None:
@@ -130,9 +173,11 @@ class SpanReader:
 
 def write_all(fd: int, data: memoryview | bytes, offset: int) -> None:
     """``os.pwrite`` until every byte is written (it may write fewer)."""
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n == 0:
-            raise OSError(errno.EIO, "short write (disk full or file size limit?)")
-        view, offset = view[n:], offset + n
+    with memoryview(data) as whole, whole.cast("B") as view:
+        done = 0
+        while done < len(view):
+            with view[done:] as rest:
+                n = os.pwrite(fd, rest, offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, "short write (disk full or file size limit?)")
+            done += n

@@ -11,14 +11,13 @@ once and the alias is recorded in ``__metadata__``.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from pathlib import Path
 
-from . import dtypes, sharding
+from . import dtypes, rawio, sharding
 from .atomic import atomic_output
-from .checkpoint import Checkpoint, LazyTensor, from_records, tensor_bytes
+from .checkpoint import Checkpoint, LazyTensor, Span, from_records
 from .errors import FormatError, UnsupportedError
 from .options import DEFAULT_OPTIONS, WriteOptions
 
@@ -127,31 +126,9 @@ def _check_entries(path: Path, header: dict, data_size: int) -> None:
         raise FormatError(path, f"data section has {data_size - end} bytes no tensor covers")
 
 
-class _Mapping:
-    """A private (copy-on-write) memory map of one file, opened on first use."""
-
-    def __init__(self, path: Path, start: int) -> None:
-        self.path, self.start, self.map = path, start, None
-
-    def tensor(self, dtype: str, shape: tuple[int, ...], offsets: list[int]):
-        import torch
-
-        torch_dtype = getattr(torch, dtype)
-        if offsets[0] == offsets[1]:
-            return torch.empty(shape, dtype=torch_dtype)
-        if self.map is None:
-            with open(self.path, "rb") as fh:
-                self.map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-        count = offsets[1] - offsets[0]
-        flat = torch.frombuffer(
-            self.map, dtype=torch.uint8, count=count, offset=self.start + offsets[0]
-        )
-        return flat.view(torch_dtype).reshape(shape)
-
-
 def _read_file(path: Path, ckpt: Checkpoint, weight_map: dict | None = None) -> dict[str, str]:
     header, metadata, start = read_header(path)
-    mapping = _Mapping(path, start)  # tensors alive keep it open; it closes with the last
+    mapping = rawio.MappedFile(path)  # tensors alive keep it open; it closes with the last
     for name, entry in header.items():
         if weight_map is not None and weight_map.get(name) != path.name:
             where = weight_map.get(name)
@@ -161,8 +138,12 @@ def _read_file(path: Path, ckpt: Checkpoint, weight_map: dict | None = None) -> 
             raise FormatError(path, f"tensor {name!r} appears in more than one shard")
         dtype = dtypes.BY_SAFETENSORS[entry["dtype"]].name
         shape = tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
         ckpt.tensors[name] = LazyTensor(
-            dtype, shape, lambda d=dtype, s=shape, o=entry["data_offsets"]: mapping.tensor(d, s, o)
+            dtype,
+            shape,
+            lambda d=dtype, s=shape, o=start + begin, n=end - begin: mapping.tensor(d, s, o, n),
+            span=Span(str(path), start + begin, end - begin),
         )
     return metadata
 
@@ -235,8 +216,15 @@ def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
 
 
 def _write_file(
-    path: Path, ckpt: Checkpoint, names: list[str], metadata: dict[str, str], progress, done: int
+    path: Path,
+    ckpt: Checkpoint,
+    names: list[str],
+    metadata: dict[str, str],
+    reader: rawio.SpanReader,
+    progress,
+    done: int,
 ) -> int:
+    """One file: the header, then each tensor's bytes placed at its offset."""
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name in names:
@@ -250,20 +238,19 @@ def _write_file(
         offset += lazy.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % ALIGNMENT)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
+    start = 8 + len(raw)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        rawio.write_all(fd, struct.pack("<Q", len(raw)) + raw, 0)
         for name in names:
             lazy = ckpt.tensors[name]
-            data = tensor_bytes(lazy.load())
-            if len(data) != lazy.nbytes:
-                raise FormatError(
-                    ckpt.source, f"tensor {name!r} loaded {len(data)} bytes, expected {lazy.nbytes}"
-                )
-            fh.write(data)
+            reader.write_at(fd, start + header[name]["data_offsets"][0], lazy, name=name)
             done += lazy.nbytes
             if progress:
                 progress(done)
+        os.ftruncate(fd, start + offset)  # a tensor-less tail still has its length
+    finally:
+        os.close(fd)
     return done
 
 
@@ -284,14 +271,17 @@ def write(ckpt: Checkpoint, path: Path, *, options: WriteOptions = DEFAULT_OPTIO
             )
     records = {"format": "pt", **ckpt.records()}
     if not options.shard_size:
-        with atomic_output(path, force=options.force) as tmp:
-            _write_file(tmp, ckpt, list(ckpt.tensors), records, options.progress, 0)
+        with atomic_output(path, force=options.force) as tmp, rawio.SpanReader() as reader:
+            _write_file(tmp, ckpt, list(ckpt.tensors), records, reader, options.progress, 0)
         return
     sizes = [(n, t.nbytes) for n, t in ckpt.tensors.items()]
     shards = sharding.plan(sizes, options.shard_size)
     index = sharding.build_index(shards, ckpt.nbytes, ckpt.records())
     shard_meta = {"format": "pt"}  # nnconv's records live in the index
-    with atomic_output(path, force=options.force, directory=True) as tmp:
+    with (
+        atomic_output(path, force=options.force, directory=True) as tmp,
+        rawio.SpanReader() as reader,
+    ):
         done = 0
         for i, names in enumerate(shards):
             done = _write_file(
@@ -299,6 +289,7 @@ def write(ckpt: Checkpoint, path: Path, *, options: WriteOptions = DEFAULT_OPTIO
                 ckpt,
                 names,
                 shard_meta,
+                reader,
                 options.progress,
                 done,
             )

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from nnconv.converter.convert import convert
-from nnconv.formats import atomic, safetensors_format
+from nnconv.formats import atomic, rawio
 from nnconv.formats.atomic import TMP_MARK, atomic_output
 from nnconv.formats.errors import DestinationError
 
@@ -275,6 +275,25 @@ def safetensors_source(tmp_path) -> Path:
     return src
 
 
+def _fail_on_read(monkeypatch, n: int) -> list:
+    """Make the ``n``-th read of a source tensor fail, whichever route reads it: a byte
+    copy of its span or a load of its values."""
+    reads = []
+
+    def failing(real):
+        def read(self, *args, **kwargs):
+            reads.append(args)
+            if len(reads) == n:
+                raise RuntimeError("simulated read failure of a source tensor")
+            return real(self, *args, **kwargs)
+
+        return read
+
+    monkeypatch.setattr(rawio.SpanReader, "_open", failing(rawio.SpanReader._open))
+    monkeypatch.setattr(rawio.MappedFile, "tensor", failing(rawio.MappedFile.tensor))
+    return reads
+
+
 @pytest.mark.parametrize(
     "dst, options",
     [
@@ -290,16 +309,7 @@ def test_conversion_failing_midway_leaves_nothing(
     dst, options, safetensors_source, tmp_path, monkeypatch
 ):
     """The second tensor of a valid source fails to load while the destination is written."""
-    real = safetensors_format._Mapping.tensor
-    loads = []
-
-    def flaky(self, dtype, shape, offsets):
-        loads.append(offsets)
-        if len(loads) == 2:
-            raise RuntimeError("simulated read failure of the second tensor")
-        return real(self, dtype, shape, offsets)
-
-    monkeypatch.setattr(safetensors_format._Mapping, "tensor", flaky)
+    loads = _fail_on_read(monkeypatch, 2)
     before = sha256(safetensors_source)
     out = tmp_path / "out"
     out.mkdir()
@@ -315,16 +325,7 @@ def test_conversion_failing_midway_leaves_nothing(
 def test_conversion_failing_midway_keeps_existing_destination(
     safetensors_source, tmp_path, monkeypatch
 ):
-    real = safetensors_format._Mapping.tensor
-    loads = []
-
-    def flaky(self, *args):
-        loads.append(args)
-        if len(loads) == 3:
-            raise RuntimeError("simulated")
-        return real(self, *args)
-
-    monkeypatch.setattr(safetensors_format._Mapping, "tensor", flaky)
+    loads = _fail_on_read(monkeypatch, 3)
     dst = tmp_path / "out.safetensors"
     dst.write_bytes(b"the old destination")
     with pytest.raises(RuntimeError, match="simulated"):

@@ -1,0 +1,275 @@
+"""The pickle in a torch.save archive, read and written without torch.
+
+Reading: an unpickler that knows only the globals ``torch.save`` uses for a
+plain tensor (``_rebuild_tensor_v2``/``_v3``, ``_rebuild_parameter``, storage
+and dtype names) and ``OrderedDict``.  It turns tensors into references to
+storage records; anything else raises :class:`NotPlain` and the caller falls
+back to ``torch.load`` (weights-only, behind the pickle gate, as before).
+
+Writing: protocol-2 opcodes emitted from a checkpoint's structure, the same
+calls ``torch.save`` pickles, so that plain ``torch.load(weights_only=True)``
+rebuilds the same containers, Parameters and shared storages.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import dtypes
+from .checkpoint import SCALARS
+
+
+class NotPlain(Exception):
+    """The pickle needs torch.load: it uses a global or layout this reader does not model."""
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    key: str
+    dtype: str | None  # None: an untyped (byte) storage, whose tensor names its dtype
+    numel: int  # elements of ``dtype``, or bytes when untyped
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    storage: StorageRef
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    requires_grad: bool
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ParameterRef:
+    tensor: TensorRef
+    requires_grad: bool
+
+
+@dataclass(frozen=True)
+class _Named:  # a storage class (dtype, or None for UntypedStorage) or a torch dtype
+    dtype: str | None
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, tuple | list) or not all(type(v) is int and v >= 0 for v in value):
+        raise NotPlain("size or stride is not a tuple of non-negative ints")
+    return tuple(value)
+
+
+def _tensor(storage, offset, size, stride, requires_grad, hooks, dtype) -> TensorRef:
+    if hooks or not isinstance(storage, StorageRef) or type(offset) is not int or offset < 0:
+        raise NotPlain("tensor with hooks or an unusual storage")
+    shape, stride = _ints(size), _ints(stride)
+    if len(shape) != len(stride):
+        raise NotPlain("size and stride differ in length")
+    return TensorRef(storage, offset, shape, stride, bool(requires_grad), dtype)
+
+
+def _rebuild_v2(storage, offset, size, stride, requires_grad, hooks, metadata=None):
+    if metadata or not isinstance(storage, StorageRef) or storage.dtype is None:
+        raise NotPlain("tensor metadata or an untyped storage in _rebuild_tensor_v2")
+    return _tensor(storage, offset, size, stride, requires_grad, hooks, storage.dtype)
+
+
+def _rebuild_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+    if metadata or not isinstance(dtype, _Named) or dtype.dtype is None:
+        raise NotPlain("tensor metadata or an unknown dtype in _rebuild_tensor_v3")
+    if not isinstance(storage, StorageRef) or storage.dtype is not None:
+        raise NotPlain("a typed storage in _rebuild_tensor_v3")
+    return _tensor(storage, offset, size, stride, requires_grad, hooks, dtype.dtype)
+
+
+def _rebuild_parameter(data, requires_grad, hooks):
+    if hooks or not isinstance(data, TensorRef):
+        raise NotPlain("parameter with hooks")
+    return ParameterRef(data, bool(requires_grad))
+
+
+FUNCTIONS: dict[tuple[str, str], Callable] = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in FUNCTIONS:
+            return FUNCTIONS[module, name]
+        if module == "torch" and name in dtypes.BY_STORAGE:
+            return _Named(dtypes.BY_STORAGE[name].name)
+        if module == "torch.storage" and name == "UntypedStorage":
+            return _Named(None)
+        if module == "torch" and name in dtypes.DTYPES:
+            return _Named(name)
+        raise NotPlain(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> StorageRef:
+        if (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _Named)
+            and isinstance(pid[2], str)
+            and type(pid[4]) is int
+            and pid[4] >= 0
+        ):
+            return StorageRef(pid[2], pid[1].dtype, pid[4])
+        raise NotPlain("unusual persistent id")
+
+
+def load(data: bytes) -> Any:
+    """The archive's object with tensors as :class:`TensorRef`/:class:`ParameterRef`."""
+    try:
+        return _Unpickler(io.BytesIO(data)).load()
+    except NotPlain:
+        raise
+    except Exception as exc:  # a malformed pickle: torch.load will say what is wrong
+        raise NotPlain(f"{type(exc).__name__}: {exc}") from None
+
+
+# --- writing ----------------------------------------------------------------
+
+_OD = b"ccollections\nOrderedDict\n)R"  # OrderedDict(): GLOBAL, EMPTY_TUPLE, REDUCE
+_UNTYPED = b"ctorch.storage\nUntypedStorage\n"
+
+
+class Emitter:
+    """Protocol-2 pickle of a checkpoint structure; ``storage_of(name)`` gives a tensor
+    leaf's (storage key, dtype, shape) with aliases resolved to their canonical tensor."""
+
+    def __init__(self, storage_of: Callable[[str], tuple[str, str, tuple[int, ...]]]) -> None:
+        self.storage_of = storage_of
+        self.out = io.BytesIO()
+
+    def dumps(self, structure: Any) -> bytes:
+        self.out.write(b"\x80\x02")
+        self._node(structure)
+        self.out.write(b".")
+        return self.out.getvalue()
+
+    def _node(self, node: Any) -> None:
+        w = self.out.write
+        if isinstance(node, SCALARS):
+            self._scalar(node)
+        elif "t" in node:
+            self._leaf(node)
+        elif "l" in node:
+            w(b"]")
+            self._marked(node["l"], b"e")
+        elif "u" in node:
+            w(b"(")
+            for child in node["u"]:
+                self._node(child)
+            w(b"t")
+        else:
+            w(_OD if node.get("o") else b"}")
+            if node["d"]:
+                w(b"(")
+                for key, value in node["d"]:
+                    self._scalar(key)
+                    self._node(value)
+                w(b"u")
+            if "m" in node:  # BUILD sets OrderedDict._metadata, as torch.save's state does
+                w(b"}(")
+                self._scalar("_metadata")
+                w(_OD)
+                self._plain(node["m"])
+                w(b"ub")
+
+    def _marked(self, children: list, op: bytes) -> None:
+        if children:
+            self.out.write(b"(")
+            for child in children:
+                self._node(child)
+            self.out.write(op)
+
+    def _plain(self, value: Any) -> None:
+        """JSON data (an OrderedDict's ``_metadata``): dict items appended to the top."""
+        if isinstance(value, dict):
+            if value:
+                self.out.write(b"(")
+                for key, item in value.items():
+                    self._scalar(key)
+                    if isinstance(item, dict | list):
+                        self.out.write(b"}" if isinstance(item, dict) else b"]")
+                    self._plain(item)
+                self.out.write(b"u")
+        elif isinstance(value, list):
+            if value:
+                self.out.write(b"(")
+                for item in value:
+                    if isinstance(item, dict | list):
+                        self.out.write(b"}" if isinstance(item, dict) else b"]")
+                    self._plain(item)
+                self.out.write(b"e")
+        else:
+            self._scalar(value)
+
+    def _scalar(self, value: Any) -> None:
+        w = self.out.write
+        if value is None:
+            w(b"N")
+        elif value is True or value is False:
+            w(b"\x88" if value else b"\x89")
+        elif isinstance(value, int):
+            if 0 <= value < 256:
+                w(b"K" + bytes([value]))
+            elif 0 <= value < 65536:
+                w(b"M" + struct.pack("<H", value))
+            elif -(2**31) <= value < 2**31:
+                w(b"J" + struct.pack("<i", value))
+            else:
+                encoded = pickle.encode_long(value)
+                if len(encoded) > 255:
+                    raise ValueError("integer too large for a checkpoint")
+                w(b"\x8a" + bytes([len(encoded)]) + encoded)
+        elif isinstance(value, float):
+            w(b"G" + struct.pack(">d", value))
+        else:
+            raw = value.encode("utf-8", "surrogatepass")
+            w(b"X" + struct.pack("<I", len(raw)) + raw)
+
+    def _ints(self, values: tuple[int, ...]) -> None:
+        self.out.write(b"(")
+        for v in values:
+            self._scalar(v)
+        self.out.write(b"t")
+
+    def _leaf(self, leaf: dict) -> None:
+        w = self.out.write
+        parameter = bool(leaf.get("p"))
+        if parameter:
+            w(b"ctorch._utils\n_rebuild_parameter\n(")
+        key, dtype, shape = self.storage_of(leaf["t"])
+        spec = dtypes.DTYPES[dtype]
+        numel = dtypes.numel(shape)
+        w(b"ctorch._utils\n_rebuild_tensor_v%d\n((" % (2 if spec.storage else 3))
+        self._scalar("storage")
+        w(b"ctorch\n%s\n" % spec.storage.encode() if spec.storage else _UNTYPED)
+        self._scalar(key)
+        self._scalar("cpu")
+        self._scalar(numel if spec.storage else numel * spec.itemsize)
+        w(b"tQK\x00")  # TUPLE, BINPERSID, storage offset 0
+        self._ints(shape)
+        strides, step = [], 1
+        for dim in reversed(shape):
+            strides.append(step)
+            step *= max(dim, 1)
+        self._ints(tuple(reversed(strides)))
+        w(b"\x88" if leaf.get("g") and not parameter else b"\x89")
+        w(_OD)
+        if not spec.storage:
+            w(b"ctorch\n%s\n" % dtype.encode())
+        w(b"tR")
+        if parameter:
+            w(b"\x88" if leaf.get("g", 1) else b"\x89")
+            w(_OD + b"tR")
