@@ -83,6 +83,7 @@ def cli() -> None:
 @click.option("--dtype", type=click.Choice(dtypes.CAST_TARGETS), help="Cast floating tensors.")
 @click.option("--compression", type=click.Choice(["gzip", "lzf"]), help="HDF5 compression.")
 @click.option("--force", is_flag=True, help="Replace an existing destination.")
+@click.option("--fsync", is_flag=True, help="Flush DST to disk before renaming it into place.")
 @click.option("--trust-pickle", is_flag=True, help=TRUST_HELP)
 @click.option("--model", "model", help="Model class: path/file.py:Class or package.module:Class.")
 @click.option("--model-args", help="JSON keyword arguments for the model class.")
@@ -106,6 +107,7 @@ def convert(
     dtype,
     compression,
     force,
+    fsync,
     trust_pickle,
     model,
     model_args,
@@ -145,6 +147,7 @@ def convert(
             shard_size=shard_size,
             compression=compression,
             force=force,
+            fsync=fsync,
             trust_pickle=trust_pickle,
             model=model,
             model_args=model_args,

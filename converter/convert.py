@@ -63,6 +63,9 @@ def load(path: PathLike, *, format: str | None = None, trust_pickle: bool = Fals
     """
     path = Path(path)
     adapter = registry.detect(path, format=format)
+    plain = pt_format.read_plain(path) if adapter is pt_format else None
+    if plain is not None:  # tensors and containers only: no module, no pickle scan
+        return plain
     if _holds_module(path, adapter):  # whole-module pickle or TorchScript: its state_dict
         loaded = models.load_model(path, trust_pickle=trust_pickle)
         return _checkpoint(path, format, trust_pickle, loaded)
@@ -79,9 +82,11 @@ def save(
     compression: str | None = None,
     dtype: str | None = None,
     progress: Callable[[int], None] | None = None,
+    fsync: bool = False,
 ) -> None:
     """Write a :class:`Checkpoint` or a ``torch.save``-able object (tensor, list, dict,
     state_dict, training checkpoint) atomically in ``format`` (default: from the extension).
+    ``fsync`` flushes it to disk before the rename (durable across a power cut).
     """
     ckpt = obj if isinstance(obj, Checkpoint) else from_object(obj)
     if dtype:
@@ -92,7 +97,11 @@ def save(
     if isinstance(shard_size, str):
         shard_size = sharding.parse_size(shard_size)
     options = WriteOptions(
-        force=force, shard_size=shard_size, compression=compression, progress=progress
+        force=force,
+        shard_size=shard_size,
+        compression=compression,
+        progress=progress,
+        fsync=fsync,
     )
     adapter.write(ckpt, Path(path), options=options)
 
@@ -107,6 +116,7 @@ def convert(
     shard_size: int | str | None = None,
     compression: str | None = None,
     force: bool = False,
+    fsync: bool = False,
     trust_pickle: bool = False,
     model: str | None = None,
     model_args: str | None = None,
@@ -146,6 +156,7 @@ def convert(
             key=key,
             inputs=inputs,
             force=force,
+            fsync=fsync,
             trust_pickle=trust_pickle,
             options=onnx,
         )
@@ -156,6 +167,7 @@ def convert(
         shard_size=shard_size,
         compression=compression,
         dtype=dtype,
+        fsync=fsync,
     )
     if src_adapter.NAME == "onnx" and spec is not None:
         with load(src, format=src_format) as ckpt:
@@ -174,9 +186,10 @@ def convert(
                 missing=imported.missing,
             )
     loaded = None
-    if spec is not None or _holds_module(src, src_adapter):
+    plain = pt_format.read_plain(src) if spec is None and src_adapter is pt_format else None
+    if plain is None and (spec is not None or _holds_module(src, src_adapter)):
         loaded = models.load_model(src, spec=spec, key=key, trust_pickle=trust_pickle)
-    with _checkpoint(src, src_format, trust_pickle, loaded) as ckpt:
+    with plain or _checkpoint(src, src_format, trust_pickle, loaded) as ckpt:
         out = ckpt
         if loaded is not None and loaded.source != "torchscript":
             record = arch.build(
@@ -191,7 +204,7 @@ def convert(
         return _result(src, dst, ckpt, out, save_options, loaded.source if loaded else None)
 
 
-def _export(src, dst, *, spec, key, inputs, force, trust_pickle, options) -> ConvertResult:
+def _export(src, dst, *, spec, key, inputs, force, fsync, trust_pickle, options) -> ConvertResult:
     """Weights + model -> ONNX, recording the architecture in the ONNX metadata."""
     loaded = models.load_model(src, spec=spec, key=key, trust_pickle=trust_pickle)
     inputs = inputs or _recorded_inputs(loaded)
@@ -215,6 +228,7 @@ def _export(src, dst, *, spec, key, inputs, force, trust_pickle, options) -> Con
         optimize=options.optimize,
         external_data_threshold=options.external_data_threshold,
         force=force,
+        fsync=fsync,
         metadata=metadata,
     )
     state = loaded.module.state_dict()

@@ -60,6 +60,7 @@ def export_onnx(
     optimize: bool = False,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     force: bool = False,
+    fsync: bool = False,
     metadata: dict[str, str] | None = None,
 ) -> ExportResult:
     """Export ``module`` (in eval mode) to ``dst``; check it with ``onnx.checker``."""
@@ -88,9 +89,9 @@ def export_onnx(
     external = total >= external_data_threshold
     data_path = dst.with_name(data_name)
     try:
-        with atomic_output(dst, force=force) as tmp_model:
+        with atomic_output(dst, force=force, fsync=fsync) as tmp_model:
             if external:  # the data file lands first; the model's arrival marks completion
-                with atomic_output(data_path, force=True) as tmp_data:
+                with atomic_output(data_path, force=True, fsync=fsync) as tmp_data:
                     _externalise(proto, tmp_data, data_name)
             tmp_model.write_bytes(proto.SerializeToString())
             _check(onnx, tmp_model, dst)  # by path, so external data resolves beside it

@@ -241,12 +241,15 @@ def load_module_pickle(path: PathLike, *, trust_pickle: bool = False) -> Any:
 
 def _read(path: Path, trust_pickle: bool) -> tuple[str, Any]:
     """("torchscript" | "module-pickle" | "object", value) or ("checkpoint", Checkpoint)."""
-    from torch import nn
-
+    adapter = registry.detect(path)
+    plain = pt_format.read_plain(path) if adapter is pt_format else None
+    if plain is not None:  # tensors and containers: no module, no torch needed yet
+        return "checkpoint", plain
     if is_torchscript(path):
         return "torchscript", load_torchscript(path)
-    adapter = registry.detect(path)
     if adapter.NAME == pt_format.NAME and is_module_pickle(pt_format.globals_in(path)):
+        from torch import nn
+
         obj = load_module_pickle(path, trust_pickle=trust_pickle)
         return ("module-pickle" if isinstance(obj, nn.Module) else "object"), obj
     return "checkpoint", adapter.read(path, trust_pickle=trust_pickle)

@@ -258,10 +258,12 @@ def _onnx_runner(path: Path) -> OnnxRunner:
 
 def devices_for(request: str) -> list[str]:
     """``--device cpu|cuda|all``: the devices to run on; "all" adds CUDA when present."""
-    import torch
-
     if request not in ("cpu", "cuda", "all"):
         raise UsageError(None, f"unknown --device {request!r}", remedy="use cpu, cuda or all")
+    if request == "cpu":  # no torch import: comparing weights alone never needs it
+        return ["cpu"]
+    import torch
+
     cuda = torch.cuda.is_available()
     if request == "cuda" and not cuda:
         raise UsageError(None, "--device cuda: CUDA is not available", remedy="use --device cpu")

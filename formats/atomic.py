@@ -95,10 +95,15 @@ def _fsync_folder(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(dst: Path, *, force: bool = False, directory: bool = False) -> Iterator[Path]:
+def atomic_output(
+    dst: Path, *, force: bool = False, directory: bool = False, fsync: bool = False
+) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``dst`` in one rename.
 
-    ``directory=True`` yields an empty temporary folder (sharded outputs).
+    ``directory=True`` yields an empty temporary folder (sharded outputs).  The
+    rename alone means a killed process never leaves a partial destination;
+    ``fsync=True`` also makes the new file survive a power cut (flushing the
+    data and the folder to disk first), as ``cp`` and ``torch.save`` do not.
     """
     dst = Path(dst)
     check_destination(dst, force=force)
@@ -108,7 +113,8 @@ def atomic_output(dst: Path, *, force: bool = False, directory: bool = False) ->
         if directory:
             tmp.mkdir()
         yield tmp
-        _fsync(tmp)
+        if fsync:
+            _fsync(tmp)
         if (dst.is_dir() and not dst.is_symlink()) or (directory and dst.exists()):
             # os.replace cannot put a folder over a folder or a file: move the old one
             # aside, and back again if the swap fails.
@@ -122,7 +128,8 @@ def atomic_output(dst: Path, *, force: bool = False, directory: bool = False) ->
             _remove(old)
         else:
             os.replace(tmp, dst)
-        _fsync_folder(dst.parent)
+        if fsync:
+            _fsync_folder(dst.parent)
     except OSError as exc:
         _remove(tmp)
         raise _destination_error(dst, exc) from None

@@ -11,11 +11,13 @@ for torch, and a 20 GB file is only read when a tensor's ``load()`` is called.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import dtypes
 from .errors import FormatError, LazyParameterError, UnsupportedError
@@ -42,8 +44,7 @@ MAX_DEPTH = 100
 MAX_TENSORS = 10_000_000
 
 
-@dataclass(frozen=True)
-class Span:
+class Span(NamedTuple):
     """Where a tensor's values lie in a file as raw little-endian C-order bytes.
 
     Readers set it when the format stores a tensor that way (safetensors, torch
@@ -59,7 +60,7 @@ class Span:
 class LazyTensor:
     """A tensor's dtype and shape now, its values when :meth:`load` is called."""
 
-    __slots__ = ("dtype", "shape", "_load", "span")
+    __slots__ = ("dtype", "shape", "_load", "span", "_nbytes")
 
     def __init__(
         self,
@@ -72,6 +73,7 @@ class LazyTensor:
         self.shape = tuple(shape)
         self._load = load
         self.span = span
+        self._nbytes = -1
 
     @property
     def numel(self) -> int:
@@ -79,7 +81,9 @@ class LazyTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * dtypes.DTYPES[self.dtype].itemsize
+        if self._nbytes < 0:  # cached: writers ask several times per tensor
+            self._nbytes = self.numel * dtypes.DTYPES[self.dtype].itemsize
+        return self._nbytes
 
     def load(self):  # -> torch.Tensor
         """The values as a CPU ``torch.Tensor`` (possibly a read-only-backed mmap view)."""
@@ -131,6 +135,20 @@ class Checkpoint:
         if self.aliases:
             out[ALIASES_KEY] = json.dumps(self.aliases, separators=(",", ":"), ensure_ascii=False)
         return out
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building or walking the bookkeeping of
+    a checkpoint: 10^5 tensors make ~10^6 acyclic objects, and collection passes
+    over them cost ~10 µs per tensor (measured), a third of a small-tensor conversion."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def flat_structure(names: list[str]) -> dict:
@@ -268,8 +286,11 @@ class Describer:
 
     def add(self, path: str, lazy: LazyTensor, key: Any = None) -> dict:
         """Name a tensor after its path; one already seen under ``key`` becomes an alias."""
-        check_count(self.subject, len(self.tensors) + len(self.aliases) + 1, UnsupportedError)
-        dtypes.get(lazy.dtype, subject=self.subject)
+        count = len(self.tensors) + len(self.aliases) + 1
+        if count > MAX_TENSORS:
+            check_count(self.subject, count, UnsupportedError)
+        if lazy.dtype not in dtypes.DTYPES:
+            dtypes.get(lazy.dtype, subject=self.subject)
         name, n = path or ROOT_TENSOR_NAME, 1
         while name in self.tensors or name in self.aliases:
             n += 1

@@ -7,6 +7,7 @@ checks again.  Zip archives are memory-mapped, so tensors are read on demand.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import warnings
@@ -17,7 +18,15 @@ from pathlib import Path
 
 from . import dtypes, pickle_gate, rawio, torchpickle, torchzip
 from .atomic import atomic_output
-from .checkpoint import Checkpoint, Describer, LazyTensor, Span, from_object, tensor_flags
+from .checkpoint import (
+    Checkpoint,
+    Describer,
+    LazyTensor,
+    Span,
+    from_object,
+    paused_gc,
+    tensor_flags,
+)
 from .errors import FormatError, NnconvError, UnsupportedError, UsageError
 from .options import DEFAULT_OPTIONS, WriteOptions
 
@@ -50,26 +59,24 @@ ZIP_ERRORS = (
 def sniff(path: Path, head: bytes) -> bool:
     if head.startswith(LEGACY_MAGIC):
         return True
-    if not head.startswith(ZIP_MAGIC):
-        return False
+    return head.startswith(ZIP_MAGIC) and any(n.endswith("data.pkl") for n in _members(path))
+
+
+def _members(path: Path) -> dict[str, torchzip.Record]:
+    """The zip's members, or none when it is not a readable zip (torch.load will say why)."""
     try:
-        with zipfile.ZipFile(path) as zf:
-            return any(n.endswith("data.pkl") for n in zf.namelist())
-    except ZIP_ERRORS:
-        return False
+        return torchzip.members(path)
+    except (FormatError, OSError):
+        return {}
 
 
-def _is_torchscript(names: list[str]) -> bool:
+def _is_torchscript(names) -> bool:
     return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
 
 
 def is_torchscript(path: Path) -> bool:
     """A ``torch.jit.save`` archive: a zip with ``constants.pkl`` or a ``code/`` folder."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return _is_torchscript(zf.namelist())
-    except ZIP_ERRORS:
-        return False
+    return _is_torchscript(_members(path))
 
 
 class _Bounded:
@@ -159,12 +166,12 @@ def _check_records(path: Path, zf: zipfile.ZipFile) -> None:
 
 def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
     path = Path(path)
+    plain = read_plain(path)  # its unpickler resolves only tensor rebuilds: a gate itself
+    if plain is not None:
+        return plain
     globals_ = globals_in(path)
     if not trust_pickle:
         pickle_gate.check(str(path), globals_)
-    plain = _read_plain(path)
-    if plain is not None:
-        return plain
     import torch  # only once the gate has passed: refusing a file stays cheap
 
     legacy = not zipfile.is_zipfile(path)
@@ -190,82 +197,110 @@ def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
     return ckpt
 
 
-def _read_plain(path: Path) -> Checkpoint | None:
-    """A zip archive of plain tensors and containers, read without torch; None when the
-    file needs torch.load (legacy format, big-endian, other globals, compressed records)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-            pickles = [i.filename for i in infos if i.filename.endswith("data.pkl")]
-            prefix = pickles[0][: -len("data.pkl")]
-            if (
-                zf.NameToInfo.get(prefix + "byteorder")
-                and zf.read(prefix + "byteorder") != b"little"
-            ):
+@paused_gc()
+def read_plain(path: Path) -> Checkpoint | None:
+    """A zip archive of tensors and containers, read without torch.
+
+    Its unpickler resolves nothing but ``OrderedDict`` and torch's tensor rebuild
+    calls (turned into byte references), so it runs before the pickle gate.
+    None when the file needs ``torch.load``: the legacy format, other globals (a
+    whole module, numpy arrays...), big-endian or compressed records.
+    """
+    members = _members(Path(path))
+    pickles = [n for n in members if n.endswith("data.pkl")]
+    if len(pickles) != 1 or not members[pickles[0]].stored or _is_torchscript(members):
+        return None
+    prefix = pickles[0][: -len("data.pkl")]
+    path_str = str(path)
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as heads:
+
+        def member(record: torchzip.Record) -> bytes:
+            if not record.stored:
+                raise torchpickle.NotPlain("compressed record")
+            start = _data_offset(path_str, heads, record)
+            return heads[start : start + record.size]
+
+        order = members.get(prefix + "byteorder")
+        try:
+            if order is not None and member(order) != b"little":
                 return None
-            obj = torchpickle.load(zf.read(pickles[0]))
-    except torchpickle.NotPlain:
-        return None
-    except (*ZIP_ERRORS, IndexError):  # zipfile.is_zipfile missed it: torch decides
-        return None
-    records = torchzip.index(path, infos)
-    mapping = rawio.MappedFile(path)
-
-    def tensor_leaf(value, name: str) -> dict | None:
-        parameter = isinstance(value, torchpickle.ParameterRef)
-        ref = value.tensor if parameter else value
-        if not isinstance(ref, torchpickle.TensorRef):
+            obj = torchpickle.load(member(members[pickles[0]]))
+        except torchpickle.NotPlain:
             return None
-        lazy, key = _lazy(path, records, prefix, ref, mapping)
-        leaf = describer.add(name, lazy, key)
-        grad = value.requires_grad if parameter else ref.requires_grad
-        return tensor_flags(leaf, parameter=parameter, requires_grad=grad)
+        mapping = rawio.MappedFile(path)
 
-    describer = Describer(str(path), tensor_leaf)
-    try:
-        ckpt = describer.checkpoint(obj)
-    except torchpickle.NotPlain:
-        return None
-    ckpt.format, ckpt.source = NAME, str(path)
+        def tensor_leaf(value, name: str) -> dict | None:
+            parameter = type(value) is torchpickle.ParameterRef
+            ref = value.tensor if parameter else value
+            if type(ref) is not torchpickle.TensorRef:
+                return None
+            record = members.get(f"{prefix}data/{ref.storage.key}")
+            lazy, key = _lazy(path_str, heads, record, ref, mapping)
+            leaf = describer.add(name, lazy, key)
+            if parameter or ref.requires_grad:
+                grad = value.requires_grad if parameter else ref.requires_grad
+                tensor_flags(leaf, parameter=parameter, requires_grad=grad)
+            return leaf
+
+        describer = Describer(path_str, tensor_leaf)
+        try:
+            ckpt = describer.checkpoint(obj)
+        except torchpickle.NotPlain:
+            return None
+    ckpt.format, ckpt.source = NAME, path_str
     return ckpt
 
 
-def _lazy(path: Path, records: dict, prefix: str, ref, mapping) -> tuple[LazyTensor, tuple]:
-    """A tensor reference as a lazy tensor: a span when its bytes are contiguous."""
-    record = records.get(f"{prefix}data/{ref.storage.key}")
+def _lazy(path: str, heads: mmap.mmap, record, ref, mapping) -> tuple[LazyTensor, tuple]:
+    """A tensor reference as a lazy tensor, checked against its storage record: a span
+    when its bytes are contiguous.  (Called once per tensor: kept lean.)"""
     if record is None:
         raise FormatError(path, f"storage {ref.storage.key!r} has no data record")
     if not record.stored:
         raise torchpickle.NotPlain("compressed storage record")
-    spec = dtypes.get(ref.dtype, subject=str(path))
-    size = ref.storage.numel * (spec.itemsize if ref.storage.dtype else 1)
+    itemsize = (dtypes.DTYPES.get(ref.dtype) or dtypes.get(ref.dtype, subject=path)).itemsize
+    size = ref.storage.numel * (itemsize if ref.storage.dtype else 1)
     if size != record.size:
         raise FormatError(
             path,
             f"storage {ref.storage.key!r} declares {size} bytes, its record holds {record.size}",
         )
-    numel = dtypes.numel(ref.shape)
-    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride, strict=True))
-    if numel and (last + 1) * spec.itemsize > size:
-        raise FormatError(
-            path, f"a tensor of shape {list(ref.shape)} reaches past its {size}-byte storage"
-        )
-    contiguous, step = True, 1
-    for n, s in zip(reversed(ref.shape), reversed(ref.stride), strict=True):
-        contiguous &= n == 1 or s == step
+    shape, stride = ref.shape, ref.stride
+    numel, last, step, contiguous = 1, ref.offset, 1, True
+    for n, s in zip(reversed(shape), reversed(stride), strict=True):
+        if type(n) is not int or type(s) is not int or n < 0 or s < 0:
+            raise FormatError(path, f"tensor size {shape} or stride {stride} is not valid")
+        numel *= n
+        last += (n - 1) * s
+        contiguous = contiguous and (n == 1 or s == step)
         step *= n
-    start, nbytes = record.offset + ref.offset * spec.itemsize, numel * spec.itemsize
+    if numel and (last + 1) * itemsize > size:
+        raise FormatError(path, f"a tensor of shape {list(shape)} reaches past its storage")
+    start = _data_offset(path, heads, record)
     if contiguous:
-        load = partial(mapping.tensor, ref.dtype, ref.shape, start, nbytes)
-        lazy = LazyTensor(ref.dtype, ref.shape, load, span=Span(str(path), start, nbytes))
+        begin, nbytes = start + ref.offset * itemsize, numel * itemsize
+        load = partial(mapping.tensor, ref.dtype, shape, begin, nbytes)
+        lazy = LazyTensor(ref.dtype, shape, load, span=Span(path, begin, nbytes))
     else:
-        view = (ref.stride, ref.offset)
-        load = partial(mapping.tensor, ref.dtype, ref.shape, record.offset, size, view=view)
-        lazy = LazyTensor(ref.dtype, ref.shape, load)
-    stride = tuple(0 if n == 1 else s for n, s in zip(ref.shape, ref.stride, strict=True))
-    return lazy, (ref.storage.key, ref.offset, ref.shape, stride, ref.dtype)
+        load = partial(mapping.tensor, ref.dtype, shape, start, size, view=(stride, ref.offset))
+        lazy = LazyTensor(ref.dtype, shape, load)
+    if 1 in shape:  # strides of size-1 dimensions do not matter (view() resets them)
+        stride = tuple(0 if n == 1 else s for n, s in zip(shape, stride, strict=True))
+    return lazy, (ref.storage.key, ref.offset, shape, stride, ref.dtype)
 
 
+def _data_offset(path: str, heads: mmap.mmap, record: torchzip.Record) -> int:
+    at = record.header
+    if heads[at : at + 4] != ZIP_MAGIC:
+        raise FormatError(path, f"member {record.name!r}: bad local header")
+    name_len, extra_len = struct.unpack_from("<HH", heads, at + 26)
+    start = at + torchzip.LOCAL.size + name_len + extra_len
+    if start + record.size > len(heads):
+        raise FormatError(path, f"member {record.name!r} runs past the end of the file")
+    return start
+
+
+@paused_gc()
 def write(ckpt: Checkpoint, path: Path, *, options: WriteOptions = DEFAULT_OPTIONS) -> None:
     """A torch.save zip archive written by nnconv itself, tensor bytes copied one at a time
     (see :mod:`torchzip`); plain ``torch.load`` reads it."""
@@ -279,19 +314,9 @@ def write(ckpt: Checkpoint, path: Path, *, options: WriteOptions = DEFAULT_OPTIO
         return keys[canonical], lazy.dtype, lazy.shape
 
     data = torchpickle.Emitter(storage_of).dumps(ckpt.structure)
-    done = 0
-    with atomic_output(Path(path), force=options.force) as tmp, rawio.SpanReader() as reader:
-
-        def filler(name: str, lazy: LazyTensor):
-            def fill(fd: int, offset: int) -> int:
-                nonlocal done
-                crc = reader.write_at(fd, offset, lazy, name=name, crc=True)
-                done += lazy.nbytes
-                if options.progress:
-                    options.progress(done)
-                return crc
-
-            return fill
-
-        storages = [(lazy.nbytes, filler(n, lazy)) for n, lazy in ckpt.tensors.items()]
-        torchzip.write(tmp, data, storages)
+    storages = [(lazy, name) for name, lazy in ckpt.tensors.items()]
+    with (
+        atomic_output(Path(path), force=options.force, fsync=options.fsync) as tmp,
+        rawio.SpanReader() as reader,
+    ):
+        torchzip.write(tmp, data, storages, reader, options.progress)

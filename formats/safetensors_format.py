@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import dtypes, rawio, sharding
 from .atomic import atomic_output
-from .checkpoint import Checkpoint, LazyTensor, Span, from_records
+from .checkpoint import Checkpoint, LazyTensor, Span, from_records, paused_gc
 from .errors import FormatError, UnsupportedError
 from .options import DEFAULT_OPTIONS, WriteOptions
 
@@ -173,6 +173,7 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+@paused_gc()
 def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
     path = Path(path)
     ckpt = Checkpoint(tensors={}, structure=None, format=NAME, source=str(path))
@@ -241,19 +242,21 @@ def _write_file(
     start = 8 + len(raw)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        rawio.write_all(fd, struct.pack("<Q", len(raw)) + raw, 0)
-        for name in names:
-            lazy = ckpt.tensors[name]
-            reader.write_at(fd, start + header[name]["data_offsets"][0], lazy, name=name)
-            done += lazy.nbytes
-            if progress:
-                progress(done)
+        with rawio.Placer(reader, fd) as placer:
+            placer.put(0, struct.pack("<Q", len(raw)) + raw)
+            for name in names:
+                lazy = ckpt.tensors[name]
+                placer.tensor(start + header[name]["data_offsets"][0], lazy, name=name)
+                done += lazy.nbytes
+                if progress:
+                    progress(done)
         os.ftruncate(fd, start + offset)  # a tensor-less tail still has its length
     finally:
         os.close(fd)
     return done
 
 
+@paused_gc()
 def write(ckpt: Checkpoint, path: Path, *, options: WriteOptions = DEFAULT_OPTIONS) -> None:
     if options.compression:
         raise UnsupportedError(path, "safetensors has no compression; --compression is for hdf5")
@@ -271,7 +274,10 @@ def write(ckpt: Checkpoint, path: Path, *, options: WriteOptions = DEFAULT_OPTIO
             )
     records = {"format": "pt", **ckpt.records()}
     if not options.shard_size:
-        with atomic_output(path, force=options.force) as tmp, rawio.SpanReader() as reader:
+        with (
+            atomic_output(path, force=options.force, fsync=options.fsync) as tmp,
+            rawio.SpanReader() as reader,
+        ):
             _write_file(tmp, ckpt, list(ckpt.tensors), records, reader, options.progress, 0)
         return
     sizes = [(n, t.nbytes) for n, t in ckpt.tensors.items()]
@@ -279,7 +285,7 @@ def write(ckpt: Checkpoint, path: Path, *, options: WriteOptions = DEFAULT_OPTIO
     index = sharding.build_index(shards, ckpt.nbytes, ckpt.records())
     shard_meta = {"format": "pt"}  # nnconv's records live in the index
     with (
-        atomic_output(path, force=options.force, directory=True) as tmp,
+        atomic_output(path, force=options.force, directory=True, fsync=options.fsync) as tmp,
         rawio.SpanReader() as reader,
     ):
         done = 0

@@ -18,7 +18,6 @@ import pickle
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from . import dtypes
@@ -29,65 +28,66 @@ class NotPlain(Exception):
     """The pickle needs torch.load: it uses a global or layout this reader does not model."""
 
 
-@dataclass(frozen=True)
 class StorageRef:
-    key: str
-    dtype: str | None  # None: an untyped (byte) storage, whose tensor names its dtype
-    numel: int  # elements of ``dtype``, or bytes when untyped
+    """A storage record's key, its dtype (None: untyped bytes) and its element count."""
+
+    __slots__ = ("key", "dtype", "numel")
+
+    def __init__(self, key: str, dtype: str | None, numel: int) -> None:
+        self.key, self.dtype, self.numel = key, dtype, numel
 
 
-@dataclass(frozen=True)
 class TensorRef:
-    storage: StorageRef
-    offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    requires_grad: bool
-    dtype: str
+    """A tensor as ``torch.save`` pickles it: a view (offset, shape, stride) of a storage.
+
+    Plain classes, not dataclasses: a checkpoint may hold 10^5 of them."""
+
+    __slots__ = ("storage", "offset", "shape", "stride", "requires_grad", "dtype")
+
+    def __init__(self, storage, offset, shape, stride, requires_grad, dtype) -> None:
+        self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
+        self.requires_grad, self.dtype = requires_grad, dtype
 
 
-@dataclass(frozen=True)
 class ParameterRef:
-    tensor: TensorRef
-    requires_grad: bool
+    __slots__ = ("tensor", "requires_grad")
+
+    def __init__(self, tensor: TensorRef, requires_grad: bool) -> None:
+        self.tensor, self.requires_grad = tensor, requires_grad
 
 
-@dataclass(frozen=True)
-class _Named:  # a storage class (dtype, or None for UntypedStorage) or a torch dtype
-    dtype: str | None
+class _Named:  # a storage class (its dtype, or None for UntypedStorage) or a torch dtype
+    __slots__ = ("dtype",)
 
-
-def _ints(value: Any) -> tuple[int, ...]:
-    if not isinstance(value, tuple | list) or not all(type(v) is int and v >= 0 for v in value):
-        raise NotPlain("size or stride is not a tuple of non-negative ints")
-    return tuple(value)
+    def __init__(self, dtype: str | None) -> None:
+        self.dtype = dtype
 
 
 def _tensor(storage, offset, size, stride, requires_grad, hooks, dtype) -> TensorRef:
-    if hooks or not isinstance(storage, StorageRef) or type(offset) is not int or offset < 0:
+    if hooks or type(storage) is not StorageRef or type(offset) is not int or offset < 0:
         raise NotPlain("tensor with hooks or an unusual storage")
-    shape, stride = _ints(size), _ints(stride)
+    shape, stride = tuple(size), tuple(stride)  # checked with the storage bounds, in pt_format
     if len(shape) != len(stride):
         raise NotPlain("size and stride differ in length")
     return TensorRef(storage, offset, shape, stride, bool(requires_grad), dtype)
 
 
 def _rebuild_v2(storage, offset, size, stride, requires_grad, hooks, metadata=None):
-    if metadata or not isinstance(storage, StorageRef) or storage.dtype is None:
+    if metadata or type(storage) is not StorageRef or storage.dtype is None:
         raise NotPlain("tensor metadata or an untyped storage in _rebuild_tensor_v2")
     return _tensor(storage, offset, size, stride, requires_grad, hooks, storage.dtype)
 
 
 def _rebuild_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
-    if metadata or not isinstance(dtype, _Named) or dtype.dtype is None:
+    if metadata or type(dtype) is not _Named or dtype.dtype is None:
         raise NotPlain("tensor metadata or an unknown dtype in _rebuild_tensor_v3")
-    if not isinstance(storage, StorageRef) or storage.dtype is not None:
+    if type(storage) is not StorageRef or storage.dtype is not None:
         raise NotPlain("a typed storage in _rebuild_tensor_v3")
     return _tensor(storage, offset, size, stride, requires_grad, hooks, dtype.dtype)
 
 
 def _rebuild_parameter(data, requires_grad, hooks):
-    if hooks or not isinstance(data, TensorRef):
+    if hooks or type(data) is not TensorRef:
         raise NotPlain("parameter with hooks")
     return ParameterRef(data, bool(requires_grad))
 
@@ -117,7 +117,7 @@ class _Unpickler(pickle.Unpickler):
             isinstance(pid, tuple)
             and len(pid) == 5
             and pid[0] == "storage"
-            and isinstance(pid[1], _Named)
+            and type(pid[1]) is _Named
             and isinstance(pid[2], str)
             and type(pid[4]) is int
             and pid[4] >= 0
