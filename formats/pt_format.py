@@ -291,7 +291,7 @@ def _lazy(path: str, heads: mmap.mmap, record, ref, mapping) -> tuple[LazyTensor
 
 def _data_offset(path: str, heads: mmap.mmap, record: torchzip.Record) -> int:
     at = record.header
-    if heads[at : at + 4] != ZIP_MAGIC:
+    if heads[at : at + 4] != ZIP_MAGIC or at + torchzip.LOCAL.size > len(heads):
         raise FormatError(path, f"member {record.name!r}: bad local header")
     name_len, extra_len = struct.unpack_from("<HH", heads, at + 26)
     start = at + torchzip.LOCAL.size + name_len + extra_len

@@ -95,7 +95,10 @@ def _members(path: str, size: int, _mtime: int, _inode: int) -> dict[str, Record
             raise bad("central directory entry runs past its end")
         if MASK32 in (csize, usize, header):
             usize, csize, header = _zip64(extra, usize, csize, header, bad)
-        name = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
+        try:
+            name = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
+        except UnicodeDecodeError:
+            raise bad("a member name is not valid UTF-8") from None
         if header + LOCAL.size + csize > size:
             raise bad(f"member {name!r} claims {csize} bytes at offset {header}")
         stored = method == zipfile.ZIP_STORED and not flags & 1 and usize == csize
@@ -108,6 +111,8 @@ def _zip64(extra: bytes, usize: int, csize: int, header: int, bad) -> tuple[int,
     pos = 0
     while pos + 4 <= len(extra):
         kind, length = struct.unpack_from("<HH", extra, pos)
+        if pos + 4 + length > len(extra):
+            break
         if kind == 1:
             values = list(struct.unpack_from(f"<{length // 8}Q", extra, pos + 4))
             wanted = [v == MASK32 for v in (usize, csize, header)]

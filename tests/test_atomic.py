@@ -325,7 +325,7 @@ def test_conversion_failing_midway_leaves_nothing(
 def test_conversion_failing_midway_keeps_existing_destination(
     safetensors_source, tmp_path, monkeypatch
 ):
-    loads = _fail_on_read(monkeypatch, 3)
+    _fail_on_read(monkeypatch, 3)
     dst = tmp_path / "out.safetensors"
     dst.write_bytes(b"the old destination")
     with pytest.raises(RuntimeError, match="simulated"):
