@@ -10,8 +10,9 @@ from typing import Any
 
 from nnconv.formats import pt_format, registry, sharding
 from nnconv.formats.atomic import check_destination
-from nnconv.formats.checkpoint import Checkpoint, cast, from_object
+from nnconv.formats.checkpoint import Checkpoint
 from nnconv.formats.errors import UsageError
+from nnconv.formats.objects import cast, from_object
 from nnconv.formats.options import WriteOptions
 
 from . import models

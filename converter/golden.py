@@ -226,7 +226,7 @@ def save_golden(
     metadata: dict[str, Any] | None = None,
 ) -> None:
     """Write a golden safetensors file atomically (``metadata``: seed, versions...)."""
-    from nnconv.formats.checkpoint import from_object
+    from nnconv.formats.objects import from_object
 
     from .convert import save
 
@@ -306,7 +306,7 @@ def read_inputs(path: PathLike) -> list[tuple[str | None, torch.Tensor]]:
         if is_golden(path):
             golden = load_golden(path)
             return [(s.name, t) for s, t in zip(golden.inputs, golden.tensors, strict=True)]
-        from nnconv.formats.checkpoint import to_object
+        from nnconv.formats.objects import to_object
 
         from .convert import load
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
-from nnconv.formats.checkpoint import Checkpoint, to_object
+from nnconv.formats.checkpoint import Checkpoint
 from nnconv.formats.errors import FormatError, UsageError
+from nnconv.formats.objects import to_object
 
 if TYPE_CHECKING:
     import torch

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 from nnconv.formats import registry
@@ -295,6 +294,8 @@ def _replay(report, golden_path: Path, path, spec, key, trust_pickle, tolerances
 
 
 def _versions() -> dict[str, str]:
+    from importlib import metadata as importlib_metadata  # ~20 ms: only when verifying
+
     out = {}
     for dist in ("nnconv", "torch", "onnx", "onnxruntime", "safetensors", "h5py"):
         try:

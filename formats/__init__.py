@@ -1,7 +1,7 @@
 """nnconv.formats: the lower layer. Checkpoint model, errors, registry, pickle gate,
 one ``*_format.py`` adapter per format. Never imports ``nnconv.converter``."""
 
-from .checkpoint import Checkpoint, LazyTensor, cast, from_object, to_object
+from .checkpoint import Checkpoint, LazyTensor
 from .errors import (
     DestinationError,
     FormatError,
@@ -11,6 +11,7 @@ from .errors import (
     UnsupportedError,
     UsageError,
 )
+from .objects import cast, from_object, to_object
 
 __all__ = [
     "Checkpoint",

@@ -14,13 +14,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from . import dtypes
-from .errors import FormatError, LazyParameterError, UnsupportedError
+from .errors import FormatError
 
 # Metadata keys nnconv owns.  Everything else is the user's, carried as is.
 STRUCTURE_KEY = "nnconv.structure"
@@ -131,7 +130,12 @@ class Checkpoint:
         """Metadata plus nnconv's own records, as the string map formats store."""
         out = dict(self.metadata)
         out[VERSION_KEY] = FORMAT_VERSION
-        out[STRUCTURE_KEY] = json.dumps(self.structure, separators=(",", ":"), ensure_ascii=False)
+        # A plain {name: tensor} dict needs no record: readers rebuild it from the names
+        # (and 50,000 optimizer vectors would spend ~2 µs each encoding it).
+        if self.structure != flat_structure([*self.tensors, *self.aliases]):
+            out[STRUCTURE_KEY] = json.dumps(
+                self.structure, separators=(",", ":"), ensure_ascii=False
+            )
         if self.aliases:
             out[ALIASES_KEY] = json.dumps(self.aliases, separators=(",", ":"), ensure_ascii=False)
         return out
@@ -194,7 +198,7 @@ def check_count(subject: str | None, count: int, error: type = FormatError) -> N
         )
 
 
-def _depth_error(subject: str | None, error: type, where: str = "") -> Exception:
+def depth_error(subject: str | None, error: type, where: str = "") -> Exception:
     problem = f"{where}containers nested more than {MAX_DEPTH} deep"
     remedy = "nnconv refuses deeper nesting: the file is corrupt or crafted"
     return error(subject, problem, value=MAX_DEPTH + 1, limit=MAX_DEPTH, remedy=remedy)
@@ -205,7 +209,7 @@ def _json(subject: str, records: dict[str, str], key: str, default: str) -> Any:
     try:
         return json.loads(records.get(key, default))
     except RecursionError:
-        raise _depth_error(subject, FormatError, f"{key}: ") from None
+        raise depth_error(subject, FormatError, f"{key}: ") from None
     except (ValueError, TypeError) as exc:
         raise FormatError(subject, f"nnconv metadata is not valid JSON: {exc}") from None
 
@@ -238,7 +242,7 @@ def check_structure(subject: str, structure: Any) -> list[str]:
             names.append(body)
             continue
         if depth >= MAX_DEPTH:
-            raise _depth_error(subject, FormatError, "nnconv.structure: ")
+            raise depth_error(subject, FormatError, "nnconv.structure: ")
         if not isinstance(body, list):
             raise bad(f"{kinds[0]!r} is not a list")
         if kinds[0] == "d":
@@ -264,195 +268,6 @@ def iter_leaves(node: Any) -> Iterator[dict]:
             yield node
         children = [*node.get("l", ()), *node.get("u", ()), *(c for _, c in node.get("d", ()))]
         stack.extend(reversed(children))
-
-
-# --- Python objects <-> checkpoints (torch needed from here on) -------------
-
-
-class Describer:
-    """Builds a checkpoint from a Python object graph: tensors, aliases and structure.
-
-    ``tensor_leaf(value, path)`` recognises a tensor (a torch.Tensor, or a
-    reference to bytes in a torch zip archive) and returns its leaf node by
-    calling :meth:`add`; it returns None for anything else.
-    """
-
-    def __init__(self, subject: str | None, tensor_leaf: Callable[[Any, str], dict | None]):
-        self.subject = subject
-        self.tensors: dict[str, LazyTensor] = {}
-        self.aliases: dict[str, str] = {}
-        self._seen: dict[Any, str] = {}
-        self._tensor_leaf = tensor_leaf
-
-    def add(self, path: str, lazy: LazyTensor, key: Any = None) -> dict:
-        """Name a tensor after its path; one already seen under ``key`` becomes an alias."""
-        count = len(self.tensors) + len(self.aliases) + 1
-        if count > MAX_TENSORS:
-            check_count(self.subject, count, UnsupportedError)
-        if lazy.dtype not in dtypes.DTYPES:
-            dtypes.get(lazy.dtype, subject=self.subject)
-        name, n = path or ROOT_TENSOR_NAME, 1
-        while name in self.tensors or name in self.aliases:
-            n += 1
-            name = f"{path or ROOT_TENSOR_NAME}#{n}"
-        if key is not None and key in self._seen:
-            self.aliases[name] = self._seen[key]
-        else:
-            if key is not None:
-                self._seen[key] = name
-            self.tensors[name] = lazy
-        return {"t": name}
-
-    def checkpoint(self, obj: Any) -> Checkpoint:
-        structure = self._walk(obj, "", 0)
-        return Checkpoint(tensors=self.tensors, structure=structure, aliases=self.aliases)
-
-    def _walk(self, value: Any, path: str, depth: int) -> Any:
-        leaf = self._tensor_leaf(value, path)
-        if leaf is not None:
-            return leaf
-        if isinstance(value, SCALARS):
-            return value
-        subject = self.subject
-        if depth >= MAX_DEPTH and type(value) in (dict, OrderedDict, list, tuple):
-            raise _depth_error(subject, UnsupportedError, f"{path}: ")
-        join = (lambda k: f"{path}.{k}") if path else str
-        if type(value) in (dict, OrderedDict):
-            items = []
-            for k, v in value.items():
-                if not isinstance(k, SCALARS):
-                    raise UnsupportedError(subject, f"{path}: dict key {k!r} is not a scalar")
-                items.append([k, self._walk(v, join(k), depth + 1)])
-            node: dict[str, Any] = {"d": items}
-            if isinstance(value, OrderedDict):
-                node["o"] = 1
-                meta = getattr(value, "_metadata", None)
-                try:
-                    if meta is not None:
-                        node["m"] = dict(json.loads(json.dumps(meta)))
-                except (TypeError, ValueError, RecursionError):
-                    raise UnsupportedError(subject, f"{path}: _metadata is not JSON data") from None
-            return node
-        if type(value) in (list, tuple):
-            children = [self._walk(v, join(i), depth + 1) for i, v in enumerate(value)]
-            return {"l" if isinstance(value, list) else "u": children}
-        raise UnsupportedError(
-            subject,
-            f"{path or 'the object'} is a {type(value).__module__}.{type(value).__qualname__}",
-            remedy="only tensors, dict/list/tuple containers and int, float, str, bool, None "
-            "leaves can be converted",
-        )
-
-
-def tensor_flags(leaf: dict, *, parameter: bool, requires_grad: bool) -> dict:
-    """Record nn.Parameter and requires_grad on a leaf, as :func:`to_object` restores them."""
-    if parameter:
-        leaf["p"] = 1
-        if not requires_grad:
-            leaf["g"] = 0
-    elif requires_grad:
-        leaf["g"] = 1
-    return leaf
-
-
-def from_object(obj: Any, *, subject: str | None = None) -> Checkpoint:
-    """Describe a ``torch.save``-able object (tensor, list, dict, state_dict...)."""
-    import torch
-
-    def tensor_leaf(t: Any, path: str) -> dict | None:
-        if not isinstance(t, torch.Tensor):
-            return None
-        if isinstance(t, torch.nn.parameter.UninitializedTensorMixin) or t.is_meta:
-            raise LazyParameterError(
-                subject,
-                f"{path or 'the object'} is an uninitialised lazy parameter with no shape or "
-                "values",
-                remedy="run the model once on an example input (or load a checkpoint into it) "
-                "before calling state_dict()",
-            )
-        if t.layout != torch.strided or t.is_quantized or t.is_nested:
-            raise UnsupportedError(subject, f"{path}: {t.layout} tensors are not supported")
-        dtype = str(t.dtype).removeprefix("torch.")
-        parameter, requires_grad = isinstance(t, torch.nn.Parameter), t.requires_grad
-        t = t.detach()
-        key = None
-        if t.numel() and t.device.type == "cpu":
-            storage = t.untyped_storage()
-            # Strides of size-1 dimensions do not matter (and view() resets them).
-            stride = tuple(0 if n == 1 else st for n, st in zip(t.shape, t.stride(), strict=True))
-            key = (storage.data_ptr(), t.storage_offset(), tuple(t.shape), stride, t.dtype)
-        lazy = LazyTensor(dtype, tuple(t.shape), lambda t=t: t.cpu())
-        leaf = describer.add(path, lazy, key)
-        return tensor_flags(leaf, parameter=parameter, requires_grad=requires_grad)
-
-    describer = Describer(subject, tensor_leaf)
-    return describer.checkpoint(obj)
-
-
-def to_object(ckpt: Checkpoint) -> Any:
-    """Rebuild the Python object: same container types, keys, order and tensor sharing."""
-    import torch
-
-    loaded: dict[str, torch.Tensor] = {}
-
-    def tensor(leaf: dict) -> torch.Tensor:
-        name = leaf["t"]
-        canonical = ckpt.aliases.get(name, name)
-        if canonical not in loaded:
-            loaded[canonical] = ckpt.tensors[canonical].load()
-        t = loaded[canonical]
-        if canonical != name:
-            t = t.detach().view(t.shape)  # a distinct tensor on the same storage
-        if leaf.get("p"):
-            return torch.nn.Parameter(t, requires_grad=bool(leaf.get("g", 1)))
-        if leaf.get("g"):
-            t.requires_grad_(True)
-        return t
-
-    def build(node: Any) -> Any:
-        if not isinstance(node, dict):
-            return node
-        if "t" in node:
-            return tensor(node)
-        if "l" in node:
-            return [build(c) for c in node["l"]]
-        if "u" in node:
-            return tuple(build(c) for c in node["u"])
-        pairs = [(k, build(v)) for k, v in node["d"]]
-        if not node.get("o"):
-            return dict(pairs)
-        out = OrderedDict(pairs)
-        if "m" in node:
-            out._metadata = OrderedDict(node["m"])  # type: ignore[attr-defined]
-        return out
-
-    return build(ckpt.structure)
-
-
-def cast(ckpt: Checkpoint, dtype: str) -> Checkpoint:
-    """A view of ``ckpt`` whose floating tensors load as ``dtype`` (one at a time)."""
-    import torch
-
-    if dtype not in dtypes.CAST_TARGETS:
-        raise UnsupportedError(
-            None, f"cannot cast to {dtype!r}", remedy=f"choose one of {dtypes.CAST_TARGETS}"
-        )
-    target = getattr(torch, dtype)
-    tensors = {}
-    for name, lazy in ckpt.tensors.items():
-        if dtypes.DTYPES[lazy.dtype].floating and lazy.dtype != dtype:
-            lazy = LazyTensor(dtype, lazy.shape, lambda src=lazy: src.load().to(target))
-        tensors[name] = lazy
-    metadata = {**ckpt.metadata, CAST_KEY: dtype}
-    return Checkpoint(
-        tensors=tensors,
-        structure=ckpt.structure,
-        aliases=dict(ckpt.aliases),
-        metadata=metadata,
-        format=ckpt.format,
-        source=ckpt.source,
-        _closers=ckpt._closers,
-    )
 
 
 def tensor_bytes(t) -> memoryview:

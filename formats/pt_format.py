@@ -18,16 +18,9 @@ from pathlib import Path
 
 from . import dtypes, pickle_gate, rawio, torchpickle, torchzip
 from .atomic import atomic_output
-from .checkpoint import (
-    Checkpoint,
-    Describer,
-    LazyTensor,
-    Span,
-    from_object,
-    paused_gc,
-    tensor_flags,
-)
+from .checkpoint import Checkpoint, LazyTensor, Span, paused_gc
 from .errors import FormatError, NnconvError, UnsupportedError, UsageError
+from .objects import Describer, from_object, tensor_flags
 from .options import DEFAULT_OPTIONS, WriteOptions
 
 NAME = "pt"

@@ -24,6 +24,7 @@ CHUNK = 64 << 20  # bytes per copy or compare step: large enough to amortise the
 COMPARE_CHUNK = 1 << 20  # bytes per comparison step: stays in the CPU cache
 SMALL = 256 << 10  # tensors below this are gathered into batched writes (see Placer)
 BATCH = 8 << 20  # bytes gathered before one write
+MAX_OPEN = 4  # source files kept open at once (a sharded source is read shard by shard)
 # copy_file_range refuses some pairs (other file systems on old kernels, special files).
 NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
@@ -74,20 +75,26 @@ class SpanReader:
         self.close()
 
     def close(self) -> None:
-        for fd, mapping in self._files.values():
-            if mapping is not None:
-                with contextlib.suppress(BufferError):  # a view kept alive by a traceback:
-                    mapping.close()  # the map closes when that view goes
-            os.close(fd)
-        self._files.clear()
+        for path in list(self._files):
+            self._close(path)
+
+    def _close(self, path: str) -> None:
+        fd, mapping = self._files.pop(path)
+        if mapping is not None:
+            with contextlib.suppress(BufferError):  # a view kept alive by a traceback:
+                mapping.close()  # the map closes when that view goes
+        os.close(fd)
 
     def _open(self, span: Span) -> tuple[int, mmap.mmap | None]:
-        entry = self._files.get(span.path)
+        entry = self._files.pop(span.path, None)  # re-inserted below: most recent last
         if entry is None:
+            if len(self._files) >= MAX_OPEN:  # shard by shard: the oldest source is done
+                self._close(next(iter(self._files)))
             fd = os.open(span.path, os.O_RDONLY)
             size = os.fstat(fd).st_size
             mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
-            entry = self._files[span.path] = (fd, mapping)
+            entry = (fd, mapping)
+        self._files[span.path] = entry
         if entry[1] is None or span.offset + span.nbytes > len(entry[1]):
             raise FormatError(
                 span.path,
@@ -184,6 +191,7 @@ class SpanReader:
             if x != y:
                 return False
         return True
+
 
 class Placer:
     """Writes one output file: small pieces (headers, small tensors) gathered into one

@@ -27,8 +27,8 @@ from nnconv.converter.compare import (
 )
 from nnconv.converter.export import OPTIMIZED_KEY
 from nnconv.converter.onnx_import import MAPPING_KEY
-from nnconv.formats.checkpoint import from_object
 from nnconv.formats.errors import UsageError
+from nnconv.formats.objects import from_object
 
 NONE = Tolerances()
 

@@ -24,8 +24,9 @@ from helpers import assert_same
 from nnconv.converter import inspect, load, save
 from nnconv.converter.cli import cli
 from nnconv.formats import checkpoint, hdf5_format, to_object
-from nnconv.formats.checkpoint import MAX_DEPTH, STRUCTURE_KEY, from_object, from_records
+from nnconv.formats.checkpoint import MAX_DEPTH, STRUCTURE_KEY, from_records
 from nnconv.formats.errors import FormatError, NnconvError, UnsupportedError
+from nnconv.formats.objects import from_object
 
 
 def nested(levels: int, leaf=None):

@@ -37,8 +37,9 @@ from hypothesis import strategies as st
 
 from nnconv.converter import convert, load, save
 from nnconv.formats import UnsupportedError, to_object
-from nnconv.formats.checkpoint import CAST_KEY, from_object
+from nnconv.formats.checkpoint import CAST_KEY
 from nnconv.formats.dtypes import DTYPES
+from nnconv.formats.objects import from_object
 from nnconv.formats.registry import ADAPTERS
 
 # A round trip writes both ends, so read-only adapters (CAN_WRITE False) take no part.

@@ -83,3 +83,23 @@ def test_equal_compares_bytes_in_chunks(tmp_path, monkeypatch):
         assert not reader.equal(Span(str(a), 2, 5500), Span(str(b), 0, 5499))  # sizes
         with pytest.raises(FormatError, match="past the end"):
             reader.equal(Span(str(a), 2, 5500), Span(str(b), 6000, 5500))
+
+
+def test_sources_are_opened_a_few_at_a_time(tmp_path):
+    """A sharded source is read shard by shard: at most MAX_OPEN files stay open."""
+    shards = []
+    for i in range(rawio.MAX_OPEN + 3):
+        shard = tmp_path / f"shard{i}"
+        shard.write_bytes(bytes([i]) * 100)
+        shards.append(shard)
+    out = tmp_path / "out"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT)
+    try:
+        with rawio.SpanReader() as reader:
+            for i, shard in enumerate(shards):
+                reader.write_at(fd, 100 * i, _lazy(shard, 0, 100))
+                assert len(reader._files) <= rawio.MAX_OPEN
+            assert reader.equal(Span(str(shards[0]), 0, 50), Span(str(shards[0]), 50, 50))
+    finally:
+        os.close(fd)
+    assert out.read_bytes() == b"".join(bytes([i]) * 100 for i in range(len(shards)))

@@ -18,8 +18,8 @@ from torch import nn
 from nnconv.converter import models, record
 from nnconv.converter.convert import save
 from nnconv.converter.inputs import InputSpec
-from nnconv.formats.checkpoint import from_object
 from nnconv.formats.errors import FormatError, UsageError
+from nnconv.formats.objects import from_object
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUTS = [InputSpec("input", (2, 4))]

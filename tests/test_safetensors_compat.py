@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -43,7 +44,11 @@ def test_library_reads_what_nnconv_writes(tmp_path):
     with safe_open(path, "pt") as f:
         meta = f.metadata()
     assert meta["format"] == "pt"  # transformers requires it
-    assert json.loads(meta["nnconv.structure"])["d"][0][0] == "emb.weight"
+    assert "nnconv.structure" not in meta  # a plain {name: tensor} dict needs no record
+    save(OrderedDict(tensors), tmp_path / "o.safetensors")
+    with safe_open(tmp_path / "o.safetensors", "pt") as f:
+        structure = json.loads(f.metadata()["nnconv.structure"])
+    assert structure["o"] == 1 and structure["d"][0][0] == "emb.weight"
     raw = path.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
     assert (8 + length) % 8 == 0, "data section must start 8-byte aligned"

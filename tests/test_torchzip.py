@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nnconv.formats import dtypes, pt_format, torchpickle, torchzip
-from nnconv.formats.checkpoint import from_object, to_object
 from nnconv.formats.errors import FormatError
+from nnconv.formats.objects import from_object, to_object
 
 DTYPES = [getattr(torch, name) for name in dtypes.DTYPES]
 

@@ -1,0 +1,215 @@
+"""Python objects <-> checkpoints: what ``torch.save`` pickles, described and rebuilt.
+
+:class:`Describer` walks an object graph (dicts, lists, tuples, scalars and
+tensors) into a checkpoint's structure; :func:`from_object` does it for live
+torch objects and ``pt_format`` for the references its torch-free unpickler
+makes.  :func:`to_object` rebuilds the object, :func:`cast` changes dtypes
+lazily.  torch is imported only by the functions that need it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from . import checkpoint, dtypes
+from .checkpoint import (
+    CAST_KEY,
+    ROOT_TENSOR_NAME,
+    SCALARS,
+    Checkpoint,
+    LazyTensor,
+    check_count,
+    depth_error,
+)
+from .errors import LazyParameterError, UnsupportedError
+
+
+class Describer:
+    """Builds a checkpoint from a Python object graph: tensors, aliases and structure.
+
+    ``tensor_leaf(value, path)`` recognises a tensor (a torch.Tensor, or a
+    reference to bytes in a torch zip archive) and returns its leaf node by
+    calling :meth:`add`; it returns None for anything else.
+    """
+
+    def __init__(self, subject: str | None, tensor_leaf: Callable[[Any, str], dict | None]):
+        self.subject = subject
+        self.tensors: dict[str, LazyTensor] = {}
+        self.aliases: dict[str, str] = {}
+        self._seen: dict[Any, str] = {}
+        self._tensor_leaf = tensor_leaf
+
+    def add(self, path: str, lazy: LazyTensor, key: Any = None) -> dict:
+        """Name a tensor after its path; one already seen under ``key`` becomes an alias."""
+        count = len(self.tensors) + len(self.aliases) + 1
+        if count > checkpoint.MAX_TENSORS:
+            check_count(self.subject, count, UnsupportedError)
+        if lazy.dtype not in dtypes.DTYPES:
+            dtypes.get(lazy.dtype, subject=self.subject)
+        name, n = path or ROOT_TENSOR_NAME, 1
+        while name in self.tensors or name in self.aliases:
+            n += 1
+            name = f"{path or ROOT_TENSOR_NAME}#{n}"
+        if key is not None and key in self._seen:
+            self.aliases[name] = self._seen[key]
+        else:
+            if key is not None:
+                self._seen[key] = name
+            self.tensors[name] = lazy
+        return {"t": name}
+
+    def checkpoint(self, obj: Any) -> Checkpoint:
+        structure = self._walk(obj, "", 0)
+        return Checkpoint(tensors=self.tensors, structure=structure, aliases=self.aliases)
+
+    def _walk(self, value: Any, path: str, depth: int) -> Any:
+        leaf = self._tensor_leaf(value, path)
+        if leaf is not None:
+            return leaf
+        if isinstance(value, SCALARS):
+            return value
+        subject = self.subject
+        if depth >= checkpoint.MAX_DEPTH and type(value) in (dict, OrderedDict, list, tuple):
+            raise depth_error(subject, UnsupportedError, f"{path}: ")
+        join = (lambda k: f"{path}.{k}") if path else str
+        if type(value) in (dict, OrderedDict):
+            items, tensor_leaf = [], self._tensor_leaf
+            for k, v in value.items():
+                if not isinstance(k, SCALARS):
+                    raise UnsupportedError(subject, f"{path}: dict key {k!r} is not a scalar")
+                name = join(k)
+                leaf = tensor_leaf(v, name)  # most values of a state_dict: one call, not two
+                items.append([k, self._walk(v, name, depth + 1) if leaf is None else leaf])
+            node: dict[str, Any] = {"d": items}
+            if isinstance(value, OrderedDict):
+                node["o"] = 1
+                meta = getattr(value, "_metadata", None)
+                try:
+                    if meta is not None:
+                        node["m"] = dict(json.loads(json.dumps(meta)))
+                except (TypeError, ValueError, RecursionError):
+                    raise UnsupportedError(subject, f"{path}: _metadata is not JSON data") from None
+            return node
+        if type(value) in (list, tuple):
+            children = [self._walk(v, join(i), depth + 1) for i, v in enumerate(value)]
+            return {"l" if isinstance(value, list) else "u": children}
+        raise UnsupportedError(
+            subject,
+            f"{path or 'the object'} is a {type(value).__module__}.{type(value).__qualname__}",
+            remedy="only tensors, dict/list/tuple containers and int, float, str, bool, None "
+            "leaves can be converted",
+        )
+
+
+def tensor_flags(leaf: dict, *, parameter: bool, requires_grad: bool) -> dict:
+    """Record nn.Parameter and requires_grad on a leaf, as :func:`to_object` restores them."""
+    if parameter:
+        leaf["p"] = 1
+        if not requires_grad:
+            leaf["g"] = 0
+    elif requires_grad:
+        leaf["g"] = 1
+    return leaf
+
+
+def from_object(obj: Any, *, subject: str | None = None) -> Checkpoint:
+    """Describe a ``torch.save``-able object (tensor, list, dict, state_dict...)."""
+    import torch
+
+    def tensor_leaf(t: Any, path: str) -> dict | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        if isinstance(t, torch.nn.parameter.UninitializedTensorMixin) or t.is_meta:
+            raise LazyParameterError(
+                subject,
+                f"{path or 'the object'} is an uninitialised lazy parameter with no shape or "
+                "values",
+                remedy="run the model once on an example input (or load a checkpoint into it) "
+                "before calling state_dict()",
+            )
+        if t.layout != torch.strided or t.is_quantized or t.is_nested:
+            raise UnsupportedError(subject, f"{path}: {t.layout} tensors are not supported")
+        dtype = str(t.dtype).removeprefix("torch.")
+        parameter, requires_grad = isinstance(t, torch.nn.Parameter), t.requires_grad
+        t = t.detach()
+        key = None
+        if t.numel() and t.device.type == "cpu":
+            storage = t.untyped_storage()
+            # Strides of size-1 dimensions do not matter (and view() resets them).
+            stride = tuple(0 if n == 1 else st for n, st in zip(t.shape, t.stride(), strict=True))
+            key = (storage.data_ptr(), t.storage_offset(), tuple(t.shape), stride, t.dtype)
+        lazy = LazyTensor(dtype, tuple(t.shape), lambda t=t: t.cpu())
+        leaf = describer.add(path, lazy, key)
+        return tensor_flags(leaf, parameter=parameter, requires_grad=requires_grad)
+
+    describer = Describer(subject, tensor_leaf)
+    return describer.checkpoint(obj)
+
+
+def to_object(ckpt: Checkpoint) -> Any:
+    """Rebuild the Python object: same container types, keys, order and tensor sharing."""
+    import torch
+
+    loaded: dict[str, torch.Tensor] = {}
+
+    def tensor(leaf: dict) -> torch.Tensor:
+        name = leaf["t"]
+        canonical = ckpt.aliases.get(name, name)
+        if canonical not in loaded:
+            loaded[canonical] = ckpt.tensors[canonical].load()
+        t = loaded[canonical]
+        if canonical != name:
+            t = t.detach().view(t.shape)  # a distinct tensor on the same storage
+        if leaf.get("p"):
+            return torch.nn.Parameter(t, requires_grad=bool(leaf.get("g", 1)))
+        if leaf.get("g"):
+            t.requires_grad_(True)
+        return t
+
+    def build(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        if "t" in node:
+            return tensor(node)
+        if "l" in node:
+            return [build(c) for c in node["l"]]
+        if "u" in node:
+            return tuple(build(c) for c in node["u"])
+        pairs = [(k, build(v)) for k, v in node["d"]]
+        if not node.get("o"):
+            return dict(pairs)
+        out = OrderedDict(pairs)
+        if "m" in node:
+            out._metadata = OrderedDict(node["m"])  # type: ignore[attr-defined]
+        return out
+
+    return build(ckpt.structure)
+
+
+def cast(ckpt: Checkpoint, dtype: str) -> Checkpoint:
+    """A view of ``ckpt`` whose floating tensors load as ``dtype`` (one at a time)."""
+    import torch
+
+    if dtype not in dtypes.CAST_TARGETS:
+        raise UnsupportedError(
+            None, f"cannot cast to {dtype!r}", remedy=f"choose one of {dtypes.CAST_TARGETS}"
+        )
+    target = getattr(torch, dtype)
+    tensors = {}
+    for name, lazy in ckpt.tensors.items():
+        if dtypes.DTYPES[lazy.dtype].floating and lazy.dtype != dtype:
+            lazy = LazyTensor(dtype, lazy.shape, lambda src=lazy: src.load().to(target))
+        tensors[name] = lazy
+    metadata = {**ckpt.metadata, CAST_KEY: dtype}
+    return Checkpoint(
+        tensors=tensors,
+        structure=ckpt.structure,
+        aliases=dict(ckpt.aliases),
+        metadata=metadata,
+        format=ckpt.format,
+        source=ckpt.source,
+        _closers=ckpt._closers,
+    )
