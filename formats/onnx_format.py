@@ -17,7 +17,7 @@ import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from . import dtypes
-from .checkpoint import RESERVED_KEYS, Checkpoint, LazyTensor, from_records
+from .checkpoint import RESERVED_KEYS, Checkpoint, LazyTensor, Span, from_records
 from .errors import FormatError, UnsupportedError, UsageError
 from .options import DEFAULT_OPTIONS, WriteOptions
 
@@ -205,9 +205,14 @@ def _lazy(proto, subject, folder: Path | None) -> LazyTensor:
         entries = {
             _text(subject, e.key, what): _text(subject, e.value, what) for e in proto.external_data
         }
-        _locate(subject, name, folder, entries, nbytes)  # refuse bad locations at read time
+        # Bad locations are refused at read time; a good one is raw little-endian bytes
+        # (ONNX's encoding) that a writer can copy without decoding.
+        target, offset, _ = _locate(subject, name, folder, entries, nbytes)
         return LazyTensor(
-            dtype, shape, lambda: _read_external(subject, name, folder, entries, dtype, shape)
+            dtype,
+            shape,
+            lambda: _read_external(subject, name, folder, entries, dtype, shape),
+            span=Span(str(target), offset, nbytes),
         )
     if proto.HasField("raw_data"):
         if len(proto.raw_data) != nbytes:
