@@ -436,3 +436,15 @@ def test_corrupt_source_found_midway_leaves_nothing(dst, cli_runs):
 def test_corrupt_source_found_midway_names_the_source(dst, cli_runs):
     line = _check_nothing_left(cli_runs[f"corrupt-source-{dst}"])
     assert line.startswith("Error: corrupt.h5: "), line
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_fsync_only_when_asked(safetensors_source, tmp_path, monkeypatch, fsync):
+    """A rename alone survives a killed process; ``fsync`` also flushes the file and the
+    folder to disk (a power cut), which cp and torch.save do not do."""
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    for name in ("out.pt", "out.safetensors", "out.h5"):
+        convert(safetensors_source, tmp_path / name, fsync=fsync)
+    assert len(synced) == (6 if fsync else 0)  # the file, then its folder, per write
