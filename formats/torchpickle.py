@@ -64,12 +64,10 @@ class _Named:  # a storage class (its dtype, or None for UntypedStorage) or a to
 
 
 def _tensor(storage, offset, size, stride, requires_grad, hooks, dtype) -> TensorRef:
-    if hooks or type(storage) is not StorageRef or type(offset) is not int or offset < 0:
-        raise NotPlain("tensor with hooks or an unusual storage")
-    shape, stride = tuple(size), tuple(stride)  # checked with the storage bounds, in pt_format
-    if len(shape) != len(stride):
-        raise NotPlain("size and stride differ in length")
-    return TensorRef(storage, offset, shape, stride, bool(requires_grad), dtype)
+    if hooks or type(offset) is not int or offset < 0 or len(size) != len(stride):
+        raise NotPlain("tensor with hooks, or an unusual offset, size or stride")
+    # Sizes and strides are checked against the storage record in pt_format.
+    return TensorRef(storage, offset, tuple(size), tuple(stride), bool(requires_grad), dtype)
 
 
 def _rebuild_v2(storage, offset, size, stride, requires_grad, hooks, metadata=None):
@@ -113,17 +111,15 @@ class _Unpickler(pickle.Unpickler):
         raise NotPlain(f"{module}.{name}")
 
     def persistent_load(self, pid: Any) -> StorageRef:
-        if (
-            isinstance(pid, tuple)
-            and len(pid) == 5
-            and pid[0] == "storage"
-            and type(pid[1]) is _Named
-            and isinstance(pid[2], str)
-            and type(pid[4]) is int
-            and pid[4] >= 0
-        ):
-            return StorageRef(pid[2], pid[1].dtype, pid[4])
-        raise NotPlain("unusual persistent id")
+        try:
+            kind, storage_type, key, _location, numel = pid
+        except (TypeError, ValueError):
+            raise NotPlain("unusual persistent id") from None
+        if kind != "storage" or type(storage_type) is not _Named or type(key) is not str:
+            raise NotPlain("unusual persistent id")
+        if type(numel) is not int or numel < 0:
+            raise NotPlain("unusual storage size")
+        return StorageRef(key, storage_type.dtype, numel)
 
 
 def load(data: bytes) -> Any:
