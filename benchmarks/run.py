@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import json
 import math
-import re
 import shutil
 import subprocess
 import sys
@@ -23,20 +22,10 @@ from measure import SAMPLE_S, Route, Run, run_route
 from report import machine, render, summarize
 from safetensors.torch import save_file
 
+from nnconv.formats import NnconvError, sharding
+
 HERE = Path(__file__).resolve().parent
 LAYERS, MIB = 24, 1024 * 1024
-UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
 NAIVE = (
     "import sys, torch\nfrom safetensors.torch import save_file\n"
     "save_file(torch.load(sys.argv[1]), sys.argv[2])\n"
@@ -49,10 +38,11 @@ SHA256 = (
 
 
 def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]I?B|B)?\s*", text.upper())
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MB, 4GB, 1GiB)")
-    return int(float(match.group(1)) * UNITS[match.group(2) or ""])
+    """nnconv's own size syntax (5GB, 512MiB), as an argparse type."""
+    try:
+        return sharding.parse_size(text)
+    except NnconvError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------- inputs
