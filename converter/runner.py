@@ -69,19 +69,21 @@ class Runner(Protocol):
 class TorchRunner:
     """A torch module in eval mode; moved to the device each run."""
 
-    module: nn.Module
-    source: str  # "spec" | "record" | "module-pickle" | "torchscript"
+    model: models.LoadedModel
     path: str | None = None
-    record: dict | None = None
     notes: list[str] = field(default_factory=list)
     is_torch: ClassVar[bool] = True
 
     @property
+    def module(self) -> nn.Module:
+        return self.model.module
+
+    @property
     def label(self) -> str:
-        return f"torch ({self.source})"
+        return f"torch ({self.model.source})"
 
     def input_specs(self) -> list[InputSpec] | None:
-        specs = [InputSpec.from_json(s) for s in (self.record or {}).get("inputs", [])]
+        specs = [InputSpec.from_json(s) for s in (self.model.record or {}).get("inputs", [])]
         return specs or None
 
     def run(self, inputs: list[torch.Tensor], *, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -237,7 +239,7 @@ def make_runner(
         if spec is None and exc.problem.startswith("no model"):
             return None
         raise
-    return TorchRunner(loaded.module, loaded.source, str(path), loaded.record)
+    return TorchRunner(loaded, str(path))
 
 
 def _onnx_runner(path: Path) -> OnnxRunner:

@@ -63,10 +63,12 @@ _MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 2
 _MAX_IR_VERSION = 30
 
 
-def _varint(data: bytes, pos: int) -> tuple[int | None, int]:
-    """(value, next position), or (None, pos) when the bytes run out first."""
+def varint(data: bytes, pos: int, end: int | None = None) -> tuple[int | None, int]:
+    """(value, next position) of a protobuf varint, or (None, pos) when the bytes (up to
+    ``end``) run out first or it is longer than 10 bytes."""
     value = shift = 0
-    while pos < len(data) and shift < 64:
+    end = len(data) if end is None else end
+    while pos < end and shift < 64:
         byte = data[pos]
         value |= (byte & 0x7F) << shift
         pos += 1
@@ -86,13 +88,13 @@ def sniff(path: Path, head: bytes) -> bool:
         return False
     pos, fields = 2, 0
     while pos < len(head):
-        tag, after = _varint(head, pos)
+        tag, after = varint(head, pos)
         if tag is None:
             break
         number, wire = tag >> 3, tag & 7
         if _MODEL_FIELDS.get(number) != wire:
             return False
-        value, after = _varint(head, after)
+        value, after = varint(head, after)
         if value is None:
             break
         if wire == 2 and value >= 2**31:  # protobuf messages stop at 2 GiB

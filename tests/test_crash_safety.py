@@ -37,7 +37,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -259,39 +258,7 @@ def test_killed_conversions_30_moments_each(kind, source, tmp_path):
 
 # --- read-only and full file systems (tmpfs in a private mount namespace) ------------------
 
-_NS_DRIVER = textwrap.dedent(
-    """
-    import json, os, subprocess, sys
-    import torch  # noqa: F401  (imported once, before forking)
-    from nnconv.converter.cli import main
-    cases = json.load(open(sys.argv[1]))
-    results = []
-    for case in cases:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", case["mount"], "tmpfs", case["dir"]],
-                       check=True)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            for fd, name in ((1, case["out"]), (2, case["err"])):
-                new = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.dup2(new, fd)
-                os.close(new)
-            sys.argv = ["nnconv", *case["argv"]]
-            try:
-                main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-        results.append({"rc": code, "left": sorted(os.listdir(case["dir"]))})
-        subprocess.run(["umount", case["dir"]], check=True)
-    json.dump(results, open(sys.argv[2], "w"))
-    """
-)
+DRIVER = Path(__file__).with_name("cli_driver.py")
 UNSHARE = ["unshare", "--mount", "--propagation", "private"]
 MOUNTS = {"read-only": "ro,size=1m", "full": "size=256k"}  # the source is 1 MiB
 
@@ -338,7 +305,7 @@ def fs_runs(tmp_path_factory):
             keys.append((fs, kind))
     (root / "cases.json").write_text(json.dumps(cases))
     proc = subprocess.run(
-        [*UNSHARE, sys.executable, "-c", _NS_DRIVER, str(root / "cases.json"), str(root / "r")],
+        [*UNSHARE, sys.executable, str(DRIVER), str(root / "cases.json"), str(root / "r")],
         env=_env(),
         capture_output=True,
         text=True,

@@ -35,7 +35,6 @@ import pickle
 import shlex
 import subprocess
 import sys
-import textwrap
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,43 +222,7 @@ def legacy_with_pickle(obj_pkl: bytes) -> bytes:
 
 # --- the batch of CLI runs ----------------------------------------------------------
 
-_DRIVER = textwrap.dedent(
-    """
-    import atexit, gc, json, os, sys
-    import torch  # noqa: F401  (the CLI imports it for every pt file: once, before forking)
-    from nnconv.converter.cli import main
-    gc.freeze()  # the children's collections then only see what the command made
-    cases = json.load(open(sys.argv[1]))
-    codes = []
-    for case in cases:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            os.chdir(case["cwd"])
-            for fd, name in ((1, case["out"]), (2, case["err"])):
-                new = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.dup2(new, fd)
-                os.close(new)
-            sys.argv = ["nnconv", *case["argv"]]
-            try:
-                main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-            except BaseException:
-                sys.excepthook(*sys.exc_info())
-                code = 1
-            # What interpreter shutdown does that could print: finalizers, atexit, flush.
-            gc.collect()
-            atexit._run_exitfuncs()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-    json.dump(codes, open(sys.argv[2], "w"))
-    """
-)
+DRIVER = Path(__file__).with_name("cli_driver.py")
 
 
 @dataclass
@@ -287,17 +250,17 @@ def run_batch(cases: list[tuple[Path, list[str]]], logs: Path) -> list[Run]:
     ]
     (logs / "cases.json").write_text(json.dumps(spec))
     proc = subprocess.run(
-        [sys.executable, "-c", _DRIVER, str(logs / "cases.json"), str(logs / "codes.json")],
+        [sys.executable, str(DRIVER), str(logs / "cases.json"), str(logs / "codes.json")],
         env=_env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    codes = json.loads((logs / "codes.json").read_text())
+    results = json.loads((logs / "codes.json").read_text())
     return [
-        Run(rc, Path(s["out"]).read_text(), Path(s["err"]).read_text())
-        for rc, s in zip(codes, spec, strict=True)
+        Run(r["rc"], Path(s["out"]).read_text(), Path(s["err"]).read_text())
+        for r, s in zip(results, spec, strict=True)
     ]
 
 

@@ -20,6 +20,7 @@ from nnconv.converter import convert, save
 from nnconv.converter.export import export_onnx
 from nnconv.converter.golden import is_golden, load_golden, read_inputs, save_golden
 from nnconv.converter.inputs import InputSpec, input_specs
+from nnconv.converter.models import LoadedModel
 from nnconv.converter.runner import (
     OnnxRunner,
     TorchRunner,
@@ -197,7 +198,7 @@ def test_onnx_outputs_pair_with_torch_leaves_by_position(tmp_path):
     export_onnx(model, path, inputs=input_specs(["2,20"]), exporter="torchscript")
     got = make_runner(path).run([X], device="cpu")
     assert list(got) == ["output.0", "output.1"]
-    ref = TorchRunner(model, "spec").run([X], device="cpu")
+    ref = TorchRunner(LoadedModel(model, "spec")).run([X], device="cpu")
     aligned = align_outputs(ref, got)
     assert aligned.how == "position" and aligned.complete
     for name, r, c in aligned.pairs:
@@ -252,10 +253,10 @@ def test_inputs_from_files(tmp_path, mlp_onnx):
         resolve_inputs([], shapes=["2,20"], inputs_file=tmp_path / "in.pt")
     # Declared names put named inputs in the declared order.
     save({"second": b, "input": a}, tmp_path / "named.safetensors")
-    declared = TorchRunner(nn.Identity(), "record", record={"inputs": [
+    declared = TorchRunner(LoadedModel(nn.Identity(), "record", record={"inputs": [
         {"name": "input", "shape": [2, 20], "dtype": "float32"},
         {"name": "second", "shape": [2, 3], "dtype": "int64"},
-    ]})  # fmt: skip
+    ]}))  # fmt: skip
     specs, tensors = resolve_inputs([declared], inputs_file=tmp_path / "named.safetensors")
     assert [s.name for s in specs] == ["input", "second"] and torch.equal(tensors[0], a)
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
@@ -282,14 +283,14 @@ def test_devices(monkeypatch):
 
 def test_first_divergence_names_the_perturbed_module(mlp_onnx):
     model = build("mlp")
-    ref = capture_modules(TorchRunner(model, "spec"), [X], device="cpu")
+    ref = capture_modules(TorchRunner(LoadedModel(model, "spec")), [X], device="cpu")
     assert [name for name, _ in ref] == ["hidden", "output"]
     assert first_divergence(ref, ref, atol=0.0, rtol=0.0) is None
     for name in ("output", "hidden"):
         bad = copy.deepcopy(model)
         with torch.no_grad():
             getattr(bad, name).weight[0, 0] += 0.5
-        cand = capture_modules(TorchRunner(bad, "spec"), [X], device="cpu")
+        cand = capture_modules(TorchRunner(LoadedModel(bad, "spec")), [X], device="cpu")
         assert first_divergence(ref, cand, atol=1e-5, rtol=1e-5) == name
         assert first_divergence(ref, cand, atol=10.0, rtol=0.0) is None
     assert capture_modules(make_runner(mlp_onnx), [X], device="cpu") == []

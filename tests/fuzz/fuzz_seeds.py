@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from nnconv.formats.onnx_format import varint
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 FIXTURES = ROOT / "fixtures"
@@ -133,30 +135,18 @@ def fields(seed: Seed) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(found))
 
 
-def _varint_at(data: bytes, pos: int, end: int) -> tuple[int | None, int]:
-    value = shift = 0
-    while pos < end and shift < 70:
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos += 1
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-    return None, pos
-
-
 def _protobuf(data: bytes, start: int, end: int, depth: int, out: list) -> bool:
     """Collect (offset, width) of every varint value and length in a protobuf message;
     False when ``data[start:end]`` does not parse as one (then it is a plain string)."""
     pos, mine = start, []
     while pos < end:
-        tag, pos = _varint_at(data, pos, end)
+        tag, pos = varint(data, pos, end)
         if not tag or tag >> 3 == 0:
             return False
         wire = tag & 7
         if wire in (0, 2):
             at = pos
-            value, pos = _varint_at(data, pos, end)
+            value, pos = varint(data, pos, end)
             if value is None:
                 return False
             mine.append((at, pos - at))
@@ -368,7 +358,7 @@ def apply(seed: Seed, raw: list[tuple]) -> tuple[bytes, list[tuple]]:
             if op == "field":
                 original = int.from_bytes(buf[at : at + width], "little")
             else:
-                original = _varint_at(bytes(buf), at, at + width)[0] or 0
+                original = varint(bytes(buf), at, at + width)[0] or 0
             choices = _boundaries(original, n)
             value = choices[b % len(choices)]
             if op == "field":
