@@ -15,6 +15,22 @@ files are named by their dataset paths with ``/`` shown as ``.``.
 Reading reads nothing outside the file (external links, external storage and
 virtual datasets are refused), walks each group once, and bounds every shape by
 what the file stores (:func:`_check_storage`) before describing a tensor.
+
+libhdf5 loops forever or crashes on some corrupt files, so the metadata is read
+in a worker process with CPU, memory and time limits (:mod:`.hdf5_probe`): a
+file that hangs or crashes it is one FormatError.  Contiguous unfiltered
+datasets stored as little-endian bytes (bfloat16 and float8 bit patterns too)
+get a :class:`Span` and load from a memory map, without libhdf5.  What still
+runs libhdf5 in this process: loading a chunked, compressed or compact dataset
+(or one whose stored type needs a conversion), which opens the file and the
+dataset again with h5py after the worker has read its metadata without harm,
+and writing.
+
+Writing creates every dataset with a contiguous layout allocated at once and
+never filled, records where libhdf5 put it, closes the file, then places each
+tensor's bytes there itself (kernel copies of source spans, :mod:`.rawio`):
+no torch when every tensor has a span.  ``--compression`` writes chunked
+datasets through h5py.
 """
 
 from __future__ import annotations
@@ -25,9 +41,9 @@ import os
 import re
 from pathlib import Path
 
-from . import checkpoint, dtypes
+from . import checkpoint, dtypes, hdf5_layout, hdf5_probe, rawio
 from .atomic import atomic_output
-from .checkpoint import ALIASES_KEY, Checkpoint, LazyTensor, from_records, tensor_bytes
+from .checkpoint import ALIASES_KEY, Checkpoint, LazyTensor, Span, from_records, tensor_bytes
 from .errors import FormatError, UnsupportedError, UsageError
 from .options import DEFAULT_OPTIONS, WriteOptions
 
@@ -40,7 +56,7 @@ FEATURES = "containers, hard-linked tied weights, metadata, bfloat16/float8 as b
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # What h5py raises on a corrupt file: the HDF5 library's failures surface as OSError,
 # RuntimeError ("Unspecified error in H5Dget_offset"), KeyError, ValueError or TypeError.
-H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+H5_ERRORS = hdf5_probe.H5_ERRORS
 PATHS_KEY = "nnconv.paths"
 ESCAPE_GROUP = "_nnconv"
 COMPRESSIONS = ("gzip", "lzf")
@@ -62,136 +78,46 @@ def sniff(path: Path, head: bytes) -> bool:
 # --- reading ----------------------------------------------------------------
 
 
-def _natural(name: str) -> list:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+def _describe(path: Path) -> tuple[dict, list]:
+    """The worker's description of the file: (records and layout, entries)."""
+    try:
+        return hdf5_probe.describe(
+            str(path), max_links=MAX_LINKS, max_tensors=checkpoint.MAX_TENSORS
+        )
+    except hdf5_probe.Refusal as exc:
+        kind = UnsupportedError if exc.kind == "UnsupportedError" else FormatError
+        raise kind(path, exc.problem, value=exc.value, limit=exc.limit, remedy=exc.remedy) from None
+    except hdf5_probe.Crash as exc:
+        problem = f"{exc.what} reading this file's metadata ({exc.detail})"
+        remedy = "check that h5py imports: python -c 'import h5py'" if exc.startup else CRAFTED
+        raise FormatError(path, problem, remedy=remedy) from None
 
 
-def _children(group):
-    """Children in creation order when the group tracks it, else in natural name order."""
-    import h5py
-
-    names = list(group.keys())
-    gid = group["/"].id if isinstance(group, h5py.File) else group.id  # a FileID has no order
-    tracked = gid.get_create_plist().get_link_creation_order()
-    return names if tracked else sorted(names, key=_natural)
+_NATIVE: dict[str, dtypes.DType] = {}  # numpy dtype string ("<f4", "|b1") -> DType
 
 
-def _member(group, key: str, subject: Path):
-    """``group[key]`` (``None`` for a dangling soft link); links out of the file refused."""
-    import h5py
+def _native(code: str) -> dtypes.DType | None:
+    if not _NATIVE:
+        import numpy as np
 
-    node = group
-    for part in filter(None, key.split("/")):
-        link = node.get(part, getlink=True)
-        if isinstance(link, h5py.ExternalLink):
-            problem = f"{key!r} is an external link to {link.filename!r}"
-            raise FormatError(subject, problem, remedy=OUTSIDE)
-        try:
-            node = node[part]  # follows hard and soft links
-        except KeyError as exc:
-            if link is None or isinstance(link, h5py.SoftLink):  # absent or dangling
-                return None
-            raise FormatError(subject, f"cannot open {key!r}: {exc}") from None
-    if node.id.fileno != group.id.fileno:  # a soft link through an external link
-        problem = f"{key!r} leads into another file through an external link"
-        raise FormatError(subject, problem, remedy=OUTSIDE)
-    return node
+        _NATIVE.update({np.dtype(s.numpy).str: s for s in dtypes.BY_NUMPY.values()})
+    return _NATIVE.get(code)
 
 
-def _walk(f, subject: Path):
-    """(path, dataset) of every dataset, depth first in order, without recursion."""
-    import h5py
-
-    seen = {f["/"].id: "/"}
-    stack = [(f, "", iter(_children(f)))]
-    links = 0
-    while stack:
-        group, prefix, keys = stack[-1]
-        key = next(keys, None)
-        if key is None:
-            stack.pop()
-            continue
-        links += 1
-        if links > MAX_LINKS:
-            problem = f"holds more than {MAX_LINKS:,} links"
-            raise FormatError(subject, problem, value=links, limit=MAX_LINKS, remedy=CRAFTED)
-        obj = _member(group, key, subject)
-        path = f"{prefix}{key}"
-        if isinstance(obj, h5py.Dataset):
-            yield path, obj
-        elif isinstance(obj, h5py.Group):
-            if obj.id in seen:
-                raise FormatError(
-                    subject,
-                    f"group {path!r} is also linked as {seen[obj.id]!r}",
-                    remedy="link cycles and groups linked twice are not supported",
-                )
-            seen[obj.id] = path
-            stack.append((obj, path + "/", iter(_children(obj))))
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _keras_list(group, key: str) -> list[str] | None:
-    """A Keras list attribute; Keras splits ones over 64 KB into ``key0``, ``key1``..."""
-    if key in group.attrs:
-        return [_text(v) for v in group.attrs[key]]
-    if f"{key}0" not in group.attrs:
-        return None
-    out, i = [], 0
-    while f"{key}{i}" in group.attrs:
-        out += [_text(v) for v in group.attrs[f"{key}{i}"]]
-        i += 1
-    return out
-
-
-def _keras_legacy(root, layers: list[str], subject: Path):
-    """(path, name, dataset) in Keras' order; names are Keras' ``weight_names``."""
-    for layer in layers:
-        group = _member(root, layer, subject)
-        for weight in (_keras_list(group, "weight_names") or []) if group else []:
-            ds = _member(group, weight, subject)
-            if ds is None:
-                raise KeyError(f"weight {weight!r} of layer {layer!r} is missing")
-            yield f"{group.name}/{weight}".lstrip("/"), weight, ds
-
-
-def _layout(f, subject: Path) -> tuple[str, list]:
-    """Which layout the file has, and its (path, name, dataset) triples in order."""
-    for root in (f, _member(f, "model_weights", subject) if "model_weights" in f else None):
-        layers = None if root is None else _keras_list(root, "layer_names")
-        if layers is not None:
-            triples = list(_keras_legacy(root, layers, subject))
-            checkpoint.check_count(str(subject), len(triples))
-            return "keras-legacy", triples
-    pairs = list(_walk(f, subject))
-    keras3 = ("layers" in f or "vars" in f) and "nnconv.version" not in f.attrs
-    if keras3 and all("/vars/" in "/" + p for p, _ in pairs):
-        return "keras3", [(p, p, ds) for p, ds in pairs]  # Keras 3 names are their paths
-    layout = "nnconv" if "nnconv.version" in f.attrs else "hdf5"
-    return layout, [(p, p.replace("/", "."), ds) for p, ds in pairs]
-
-
-def _dtype_of(path: Path, name: str, ds) -> dtypes.DType:
-    import numpy as np
-
-    declared = ds.attrs.get("dtype")
-    if isinstance(declared, bytes):
-        declared = declared.decode()
-    if isinstance(declared, str) and declared in dtypes.DTYPES:
+def _dtype_of(path: Path, name: str, facts: dict) -> dtypes.DType:
+    declared = facts.get("declared")
+    if declared in dtypes.DTYPES:
         spec = dtypes.DTYPES[declared]
-        if spec.bit_pattern and np.dtype(spec.numpy).itemsize == ds.dtype.itemsize:
+        if spec.bit_pattern and spec.itemsize == facts["itemsize"]:
             return spec
-    native = ds.dtype.newbyteorder("<") if ds.dtype.byteorder == ">" else ds.dtype
-    for spec in dtypes.BY_NUMPY.values():
-        if np.dtype(spec.numpy) == native:
-            return spec
-    raise UnsupportedError(path, f"dataset {name!r} has HDF5 type {ds.dtype}, not a tensor dtype")
+    spec = _native(facts["dtype"])
+    if spec is None:
+        problem = f"dataset {name!r} has HDF5 type {facts['shown']}, not a tensor dtype"
+        raise UnsupportedError(path, problem)
+    return spec
 
 
-def _check_storage(path: Path, name: str, ds, itemsize: int, file_size: int) -> None:
+def _check_storage(path: Path, name: str, facts: dict, itemsize: int, file_size: int) -> None:
     """Refuse data kept outside the file, and shapes claiming more than the file stores.
 
     Values are read lazily, one whole dataset per ``load()``: this check is what keeps
@@ -199,23 +125,20 @@ def _check_storage(path: Path, name: str, ds, itemsize: int, file_size: int) -> 
     inside the file; other layouts (chunked, compressed, unallocated) may not expand
     more than :data:`MAX_EXPANSION` times their stored bytes plus :data:`FILL_ALLOWANCE`.
     """
-    import h5py
-
-    if ds.external or ds.is_virtual:
-        where = "external raw files" if ds.external else "a virtual dataset's sources"
+    if facts["external"] or facts["virtual"]:
+        where = "external raw files" if facts["external"] else "a virtual dataset's sources"
         raise FormatError(path, f"dataset {name!r} keeps its values in {where}", remedy=OUTSIDE)
-    if ds.shape is None:
+    if facts["shape"] is None:
         raise UnsupportedError(path, f"dataset {name!r} has no shape (an empty dataspace)")
-    nbytes = dtypes.numel(tuple(ds.shape)) * itemsize
-    stored = ds.id.get_storage_size()
-    plist = ds.id.get_create_plist()
-    contiguous = plist.get_layout() == h5py.h5d.CONTIGUOUS and not plist.get_nfilters()
-    if contiguous and stored:
-        end = (ds.id.get_offset() or 0) + nbytes
+    shape = tuple(facts["shape"])
+    nbytes = dtypes.numel(shape) * itemsize
+    stored = facts["stored"]
+    if facts["contiguous"] and stored:
+        end = (facts["offset"] or 0) + nbytes
         if stored != nbytes or end > file_size:
             raise FormatError(
                 path,
-                f"dataset {name!r}: shape {tuple(ds.shape)} needs {nbytes:,} bytes up to offset "
+                f"dataset {name!r}: shape {shape} needs {nbytes:,} bytes up to offset "
                 f"{end:,}, the file has {file_size:,}",
                 value=end,
                 limit=file_size,
@@ -224,62 +147,115 @@ def _check_storage(path: Path, name: str, ds, itemsize: int, file_size: int) -> 
     elif stored > file_size or nbytes > MAX_EXPANSION * stored + FILL_ALLOWANCE:
         limit = min(stored, file_size) * MAX_EXPANSION + FILL_ALLOWANCE
         problem = (
-            f"dataset {name!r}: shape {tuple(ds.shape)} claims {nbytes:,} bytes from "
+            f"dataset {name!r}: shape {shape} claims {nbytes:,} bytes from "
             f"{stored:,} stored (more than {MAX_EXPANSION}x expansion)"
         )
         raise FormatError(path, problem, value=nbytes, limit=limit, remedy=CRAFTED)
 
 
-def _load(path: Path, name: str, ds, spec: dtypes.DType):
-    import numpy as np
-    import torch
+def _span(path: Path, facts: dict, spec: dtypes.DType, nbytes: int) -> Span | None:
+    """Where the dataset's values lie as the tensor's raw bytes; None when h5py must read
+    them (chunked, filtered, compact, unallocated, or a type libhdf5 would convert)."""
+    if not facts["raw"]:
+        return None
+    if spec.bit_pattern and not facts["opaque"]:
+        stored_as = _native(facts["dtype"])
+        if stored_as is None or stored_as.numpy != spec.numpy:
+            return None  # bits kept in another type (float16...): h5py converts the values
+    if not nbytes:
+        return Span(str(path), 0, 0)
+    if facts["contiguous"] and facts["offset"] is not None and facts["stored"] == nbytes:
+        return Span(str(path), facts["offset"], nbytes)
+    return None
 
-    try:
-        raw = np.asarray(ds[()])
-    except H5_ERRORS as exc:
-        raise FormatError(path, f"dataset {name!r}: cannot read: {exc}") from None
-    if spec.bit_pattern and raw.dtype.kind == "V":  # ml_dtypes arrays land as opaque bytes
-        arr = np.ascontiguousarray(raw).view(np.dtype(spec.numpy))
-    else:
-        arr = np.ascontiguousarray(raw, dtype=np.dtype(spec.numpy))
-    t = torch.from_numpy(arr.reshape(ds.shape))
-    return t.view(getattr(torch, spec.name)) if spec.bit_pattern else t
+
+class _Source:
+    """One checkpoint's way to the values: a memory map for spans, h5py for the rest."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.mapped = rawio.MappedFile(path)
+        self.h5 = None
+
+    def tensor(self, spec: dtypes.DType, shape: tuple[int, ...], span: Span):
+        try:
+            return self.mapped.tensor(spec.name, shape, span.offset, span.nbytes)
+        except ValueError:  # torch.frombuffer: the bytes are not all in the file any more
+            problem = f"tensor bytes {span.offset}..{span.offset + span.nbytes} lie past its end"
+            remedy = "the file was truncated or changed while nnconv read it"
+            raise FormatError(self.path, problem, remedy=remedy) from None
+
+    def loader(self, hpath: str, name: str, spec: dtypes.DType, shape: tuple, span):
+        if span is not None:
+            return lambda: self.tensor(spec, shape, span)
+        return lambda: self.load(hpath, name, spec, shape)
+
+    def load(self, hpath: str, name: str, spec: dtypes.DType, shape: tuple[int, ...]):
+        import h5py
+        import numpy as np
+        import torch
+
+        try:
+            if self.h5 is None:
+                self.h5 = h5py.File(self.path, "r")
+            raw = np.asarray(self.h5[hpath][()])
+        except H5_ERRORS as exc:
+            raise FormatError(self.path, f"dataset {name!r}: cannot read: {exc}") from None
+        if spec.bit_pattern and raw.dtype.kind == "V":  # ml_dtypes arrays land as opaque bytes
+            arr = np.ascontiguousarray(raw).view(np.dtype(spec.numpy))
+        else:
+            arr = np.ascontiguousarray(raw, dtype=np.dtype(spec.numpy))
+        t = torch.from_numpy(arr.reshape(shape))
+        return t.view(getattr(torch, spec.name)) if spec.bit_pattern else t
+
+    def close(self) -> None:
+        self.mapped = rawio.MappedFile(self.path)  # tensors alive keep the old map open
+        if self.h5 is not None:
+            self.h5.close()
+            self.h5 = None
 
 
 def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
-    import h5py
-
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise FormatError(path, f"not a readable HDF5 file: {exc}") from None
-    ckpt = Checkpoint(tensors={}, structure=None, format=NAME, source=str(path))
-    ckpt._closers.append(f.close)
+    if path.exists() and not path.is_file():  # libhdf5 would wait on a pipe for ever
+        raise FormatError(path, "not a regular file", remedy="HDF5 files are read by seeking")
+    info, entries = _describe(path)
     try:
         file_size = os.path.getsize(path)
-        records = {k: _text(v) for k, v in f.attrs.items() if isinstance(v, str | bytes)}
-        layout, pairs = _layout(f, path)
+    except OSError as exc:
+        raise FormatError(path, f"cannot read: {exc.strerror or exc}") from None
+    ckpt = Checkpoint(tensors={}, structure=None, format=NAME, source=str(path))
+    source = _Source(path)
+    ckpt._closers.append(source.close)
+    try:
+        records, layout = info["records"], info["layout"]
         renamed = {p: n for n, p in _json_map(path, records.pop(PATHS_KEY, "{}")).items()}
         # Hard links are one dataset under several names: one tensor plus aliases.
         # The canonical name is the one nnconv's record does not list as an alias.
         recorded = _json_map(path, records.get(ALIASES_KEY, "{}"))
-        by_dataset: dict = {}
-        for hpath, default, ds in pairs:
-            if not isinstance(ds, h5py.Dataset):  # a Keras weight name pointing at a group
-                raise FormatError(path, f"{hpath!r} is a {type(ds).__name__}, not a dataset")
-            by_dataset.setdefault(ds.id, (ds, []))[1].append(renamed.get(hpath, default))
+        facts_of: dict[int, dict] = {}
+        by_dataset: dict[int, tuple[str, dict, list[str]]] = {}
+        for hpath, name, index, facts in entries:
+            facts = facts_of.setdefault(index, facts)
+            if facts["kind"] != "Dataset":  # a Keras weight name pointing at a group
+                raise FormatError(path, f"{hpath!r} is a {facts['kind']}, not a dataset")
+            if name is None:  # Keras 3 names are their paths
+                name = hpath if layout == "keras3" else hpath.replace("/", ".")
+            by_dataset.setdefault(index, (hpath, facts, []))[2].append(renamed.get(hpath, name))
         aliases: dict[str, str] = {}
-        for ds, names in by_dataset.values():
+        for hpath, facts, names in by_dataset.values():
             name = next((n for n in names if n not in recorded), names[0])
             aliases.update({other: name for other in names if other != name})
-            spec = _dtype_of(path, name, ds)
-            _check_storage(path, name, ds, spec.itemsize, file_size)
-            ckpt.tensors[name] = LazyTensor(
-                spec.name,
-                tuple(ds.shape),
-                lambda n=name, ds=ds, spec=spec: _load(path, n, ds, spec),
-            )
+            if "type_error" in facts:
+                raise FormatError(path, f"corrupt HDF5 file: {facts['type_error']}")
+            spec = _dtype_of(path, name, facts)
+            if "storage_error" in facts:
+                raise FormatError(path, f"corrupt HDF5 file: {facts['storage_error']}")
+            _check_storage(path, name, facts, spec.itemsize, file_size)
+            shape = tuple(facts["shape"])
+            span = _span(path, facts, spec, dtypes.numel(shape) * spec.itemsize)
+            load = source.loader(hpath, name, spec, shape, span)
+            ckpt.tensors[name] = LazyTensor(spec.name, shape, load, span=span)
         if aliases and ALIASES_KEY not in records:
             records[ALIASES_KEY] = json.dumps(aliases)
         ckpt.structure, ckpt.aliases, ckpt.metadata = from_records(
@@ -287,9 +263,6 @@ def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
         )
         if layout != "nnconv":
             ckpt.metadata["nnconv.layout"] = layout
-    except H5_ERRORS as exc:
-        ckpt.close()
-        raise FormatError(path, f"corrupt HDF5 file: {exc}") from None
     except BaseException:
         ckpt.close()
         raise
@@ -359,8 +332,14 @@ def write(ckpt: Checkpoint, path: Path, *, options: WriteOptions = DEFAULT_OPTIO
     renamed = {n: p for n, p in paths.items() if p != n.replace(".", "/")}
     if renamed:
         records[PATHS_KEY] = json.dumps(renamed, ensure_ascii=False)
-    with atomic_output(Path(path), force=options.force) as tmp, _h5_errors():
-        _write_h5(h5py.File(tmp, "w", track_order=True), ckpt, names, paths, records, options)
+    with atomic_output(Path(path), force=options.force, fsync=options.fsync) as tmp:
+        with _h5_errors():
+            f = h5py.File(tmp, "w", track_order=True)
+        if options.compression:
+            with _h5_errors():
+                _write_h5(f, ckpt, names, paths, records, options)
+        else:
+            _write_raw(tmp, f, ckpt, names, paths, records, options)
 
 
 @contextlib.contextmanager
@@ -375,6 +354,23 @@ def _h5_errors():
             raise
         code = int(match.group(1))
         raise OSError(code, os.strerror(code)) from None
+
+
+def _write_raw(tmp: Path, f, ckpt: Checkpoint, names, paths, records, options) -> None:
+    """libhdf5 makes the structure and says where each tensor goes; nnconv puts it there."""
+    placed = []
+    with _h5_errors(), f:
+        for key, value in records.items():
+            f.attrs[key] = value
+        with hdf5_layout.Layout(f) as layout:
+            for name in names:  # tensors first, then aliases as hard links to them
+                if name not in ckpt.aliases:
+                    lazy = ckpt.tensors[name]
+                    spec = dtypes.DTYPES[lazy.dtype]
+                    placed.append((name, lazy, layout.dataset(paths[name], spec, lazy.shape)))
+            for name, target in ckpt.aliases.items():
+                layout.link(paths[name], paths[target])
+    hdf5_layout.place(tmp, placed, options.progress)
 
 
 def _write_h5(f, ckpt: Checkpoint, names, paths, records, options: WriteOptions) -> None:
