@@ -80,7 +80,9 @@ class Sampler(threading.Thread):
 
 
 def run_route(route: Route, out_dir: Path, log: Path, timeout: float) -> Run:
-    """Runs one route, then empties the output folder (outside timing)."""
+    """Runs one route, then empties the output folder (outside timing).  The disk is synced
+    first, so that no route pays for writing back what an earlier one left dirty."""
+    os.sync()
     with open(log, "wb") as sink:
         start = time.perf_counter()
         proc = subprocess.Popen(

@@ -270,7 +270,7 @@ def _checkpoint(src: Path, src_format, trust_pickle: bool, loaded) -> Checkpoint
 
 
 def _save_with_progress(ckpt: Checkpoint, dst: Path, options: dict, progress) -> None:
-    total = ckpt.nbytes
+    total = ckpt.nbytes if progress else 0
     save(ckpt, dst, **options, progress=(lambda done: progress(done, total)) if progress else None)
 
 

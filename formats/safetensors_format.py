@@ -227,16 +227,17 @@ def _write_file(
 ) -> int:
     """One file: the header, then each tensor's bytes placed at its offset."""
     header: dict = {"__metadata__": metadata}
-    offset = 0
+    placed, offset = [], 0  # (name, lazy tensor, offset in the data section)
     for name in names:
         lazy = ckpt.tensors[name]
-        code = dtypes.DTYPES[lazy.dtype].safetensors
+        nbytes = lazy.nbytes
         header[name] = {
-            "dtype": code,
+            "dtype": dtypes.DTYPES[lazy.dtype].safetensors,
             "shape": list(lazy.shape),
-            "data_offsets": [offset, offset + lazy.nbytes],
+            "data_offsets": [offset, offset + nbytes],
         }
-        offset += lazy.nbytes
+        placed.append((name, lazy, offset))
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % ALIGNMENT)
     start = 8 + len(raw)
@@ -244,16 +245,14 @@ def _write_file(
     try:
         with rawio.Placer(reader, fd) as placer:
             placer.put(0, struct.pack("<Q", len(raw)) + raw)
-            for name in names:
-                lazy = ckpt.tensors[name]
-                placer.tensor(start + header[name]["data_offsets"][0], lazy, name=name)
-                done += lazy.nbytes
+            for name, lazy, at in placed:
+                placer.tensor(start + at, lazy, name=name)
                 if progress:
-                    progress(done)
+                    progress(done + at + lazy.nbytes)
         os.ftruncate(fd, start + offset)  # a tensor-less tail still has its length
     finally:
         os.close(fd)
-    return done
+    return done + offset
 
 
 @paused_gc()

@@ -89,8 +89,8 @@ def test_anonymous_memory_does_not_grow_with_the_model(sources, src, dst):
 
 
 def test_no_torch_for_listing_converting_and_comparing_weights(sources, tmp_path):
-    """``nnconv --help``, inspect of pt/safetensors/hdf5, byte-moving conversions and a
-    weights-only verify never import torch (~1.5 s), onnx or onnxruntime."""
+    """``nnconv --help`` and ``formats``, inspect of pt/safetensors/hdf5, byte-moving
+    conversions and a weights-only verify never import torch (~1.5 s), onnx or onnxruntime."""
     result = _run(
         f"""
         import json, sys
@@ -106,6 +106,8 @@ def test_no_torch_for_listing_converting_and_comparing_weights(sources, tmp_path
 
         assert CliRunner().invoke(cli, ["--help"]).exit_code == 0
         steps["help"] = heavy()
+        assert CliRunner().invoke(cli, ["formats"]).exit_code == 0
+        steps["formats"] = heavy()
         for name in ("model.pt", "model.safetensors", "model.h5"):
             inspect({str(sources)!r} + "/" + name)
             steps["inspect " + name] = heavy()
@@ -122,4 +124,4 @@ def test_no_torch_for_listing_converting_and_comparing_weights(sources, tmp_path
         """
     )
     assert result == {step: [] for step in result}, result
-    assert len(result) == 8
+    assert len(result) == 9
