@@ -204,7 +204,7 @@ def read_plain(path: Path) -> Checkpoint | None:
     if len(pickles) != 1 or not members[pickles[0]].stored or _is_torchscript(members):
         return None
     prefix = pickles[0][: -len("data.pkl")]
-    path_str = str(path)
+    data_prefix, path_str = prefix + "data/", str(path)
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as heads:
 
         def member(record: torchzip.Record) -> bytes:
@@ -227,7 +227,7 @@ def read_plain(path: Path) -> Checkpoint | None:
             ref = value.tensor if parameter else value
             if type(ref) is not torchpickle.TensorRef:
                 return None
-            record = members.get(f"{prefix}data/{ref.storage.key}")
+            record = members.get(data_prefix + ref.storage.key)
             lazy, key = _lazy(path_str, heads, record, ref, mapping)
             leaf = describer.add(name, lazy, key)
             if parameter or ref.requires_grad:

@@ -30,8 +30,9 @@ ZIP64_LIMIT = 0xFFFFFFFF  # sizes and offsets at or above this need zip64 fields
 MASK32, MASK16 = 0xFFFFFFFF, 0xFFFF  # what a 32/16-bit field holds when zip64 has the value
 LOCAL = struct.Struct("<IHHHHHIIIHH")
 CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
-# The central fields a reader needs: flags, method, sizes, name/extra/comment lengths, offset.
-CENTRAL_FIELDS = struct.Struct("<8xHH8xIIHHH8xI")
+# The central fields a reader needs: signature, flags, method, sizes, name/extra/comment
+# lengths, local header offset.
+CENTRAL_FIELDS = struct.Struct("<4s4xHH8xIIHHH8xI")
 END = struct.Struct("<IHHHHIIH")
 END64 = struct.Struct("<IQHHIIQQQQ")
 LOCATOR64 = struct.Struct("<IIQI")
@@ -82,21 +83,24 @@ def _members(path: str, size: int, _mtime: int, _inode: int) -> dict[str, Record
             raise bad(f"central directory of {count} entries does not fit the file")
         fh.seek(cd_start)
         cd = fh.read(cd_size)
-    out, pos, end = {}, 0, len(cd) - CENTRAL.size
+    out, pos, size_cd = {}, 0, len(cd)
+    end = size_cd - CENTRAL.size
+    unpack = CENTRAL_FIELDS.unpack_from
     for _ in range(count):
-        if pos > end or cd[pos : pos + 4] != b"PK\x01\x02":
+        if pos > end:
+            raise bad("central directory ends early")
+        sig, flags, method, csize, usize, nlen, elen, clen, header = unpack(cd, pos)
+        if sig != b"PK\x01\x02":
             raise bad("bad central directory entry")
-        flags, method, csize, usize, nlen, elen, clen, header = CENTRAL_FIELDS.unpack_from(cd, pos)
         name_at = pos + CENTRAL.size
-        raw_name = cd[name_at : name_at + nlen]
-        extra = cd[name_at + nlen : name_at + nlen + elen]
         pos = name_at + nlen + elen + clen
-        if pos > len(cd):
+        if pos > size_cd:
             raise bad("central directory entry runs past its end")
         if MASK32 in (csize, usize, header):
+            extra = cd[name_at + nlen : name_at + nlen + elen]
             usize, csize, header = _zip64(extra, usize, csize, header, bad)
         try:
-            name = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
+            name = cd[name_at : name_at + nlen].decode("utf-8" if flags & 0x800 else "cp437")
         except UnicodeDecodeError:
             raise bad("a member name is not valid UTF-8") from None
         if header + LOCAL.size + csize > size:
