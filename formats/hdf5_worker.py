@@ -153,7 +153,7 @@ class _Request:
         """A string attribute's value (str, or a list of str when not ``scalar``); None
         when absent or of another type, whose value is never read."""
         h5py, np = self.h5py, self.np
-        raw = name.encode()
+        raw = name if isinstance(name, bytes) else name.encode()  # h5py lists non-UTF-8 as bytes
         if not h5py.h5a.exists(oid, raw):
             return None
         aid = h5py.h5a.open(oid, raw)

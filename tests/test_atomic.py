@@ -276,21 +276,31 @@ def safetensors_source(tmp_path) -> Path:
 
 
 def _fail_on_read(monkeypatch, n: int) -> list:
-    """Make the ``n``-th read of a source tensor fail, whichever route reads it: a byte
-    copy of its span or a load of its values."""
+    """Make the ``n``-th source read fail, whichever route reads it: bytes of a span
+    (mapped or copied in the kernel) or a load of a tensor's values.  Reads count once
+    per place in the source, however many calls a route makes for it."""
     reads = []
 
-    def failing(real):
+    def failing(real, where):
         def read(self, *args, **kwargs):
-            reads.append(args)
-            if len(reads) == n:
-                raise RuntimeError("simulated read failure of a source tensor")
+            key = where(self, *args, **kwargs)
+            if key not in reads:
+                reads.append(key)
+                if len(reads) == n:
+                    raise RuntimeError("simulated read failure of a source tensor")
             return real(self, *args, **kwargs)
 
         return read
 
-    monkeypatch.setattr(rawio.SpanReader, "_open", failing(rawio.SpanReader._open))
-    monkeypatch.setattr(rawio.MappedFile, "tensor", failing(rawio.MappedFile.tensor))
+    def span_key(self, span, *args, **kwargs):
+        return (span.path, span.offset)
+
+    def load_key(self, dtype, shape, offset, *args, **kwargs):
+        return (str(self.path), offset)
+
+    monkeypatch.setattr(rawio.SpanReader, "mapping", failing(rawio.SpanReader.mapping, span_key))
+    monkeypatch.setattr(rawio.SpanReader, "_open", failing(rawio.SpanReader._open, span_key))
+    monkeypatch.setattr(rawio.MappedFile, "tensor", failing(rawio.MappedFile.tensor, load_key))
     return reads
 
 
