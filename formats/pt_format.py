@@ -210,7 +210,7 @@ def read_plain(path: Path) -> Checkpoint | None:
         def member(record: torchzip.Record) -> bytes:
             if not record.stored:
                 raise torchpickle.NotPlain("compressed record")
-            start = _data_offset(path_str, heads, record)
+            start = torchzip.data_offset(path_str, heads, record)
             return heads[start : start + record.size]
 
         order = members.get(prefix + "byteorder")
@@ -269,7 +269,7 @@ def _lazy(path: str, heads: mmap.mmap, record, ref, mapping) -> tuple[LazyTensor
         step *= n
     if numel and (last + 1) * itemsize > size:
         raise FormatError(path, f"a tensor of shape {list(shape)} reaches past its storage")
-    start = _data_offset(path, heads, record)
+    start = torchzip.data_offset(path, heads, record)
     if contiguous:
         begin, nbytes = start + ref.offset * itemsize, numel * itemsize
         load = partial(mapping.tensor, ref.dtype, shape, begin, nbytes)
@@ -280,17 +280,6 @@ def _lazy(path: str, heads: mmap.mmap, record, ref, mapping) -> tuple[LazyTensor
     if 1 in shape:  # strides of size-1 dimensions do not matter (view() resets them)
         stride = tuple(0 if n == 1 else s for n, s in zip(shape, stride, strict=True))
     return lazy, (ref.storage.key, ref.offset, shape, stride, ref.dtype)
-
-
-def _data_offset(path: str, heads: mmap.mmap, record: torchzip.Record) -> int:
-    at = record.header
-    if heads[at : at + 4] != ZIP_MAGIC or at + torchzip.LOCAL.size > len(heads):
-        raise FormatError(path, f"member {record.name!r}: bad local header")
-    name_len, extra_len = struct.unpack_from("<HH", heads, at + 26)
-    start = at + torchzip.LOCAL.size + name_len + extra_len
-    if start + record.size > len(heads):
-        raise FormatError(path, f"member {record.name!r} runs past the end of the file")
-    return start
 
 
 @paused_gc()

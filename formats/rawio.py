@@ -4,7 +4,7 @@ Where a source stores a tensor as raw little-endian bytes (a :class:`Span`), a
 writer places those bytes straight into the destination at a precomputed
 offset: ``os.copy_file_range`` copies inside the kernel, and a writer that
 must checksum (the torch zip format's CRC-32) reads them once through a
-memory map.  Tensors without a span (ONNX initializers, casts, modules) fall
+memory map.  Tensors without a span (inline ONNX initializers, casts, modules) fall
 back to their torch values.  Nothing here holds more than one tensor's bytes.
 """
 
@@ -20,13 +20,13 @@ from collections.abc import Iterator
 from .checkpoint import LazyTensor, Span, tensor_bytes
 from .errors import FormatError
 
-CHUNK = 64 << 20  # bytes per copy or compare step: large enough to amortise the calls
+CHUNK = 64 << 20  # bytes per mapped slice when a tensor's bytes are read in pieces
 COMPARE_CHUNK = 1 << 20  # bytes per comparison step: stays in the CPU cache
 SMALL = 256 << 10  # tensors below this are gathered into batched writes (see Placer)
 BATCH = 8 << 20  # bytes gathered before one write
 MAX_OPEN = 2  # source files open at once: a sharded source is read shard by shard
 # copy_file_range refuses some pairs (other file systems on old kernels, special files).
-NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 
 
 class MappedFile:

@@ -131,14 +131,17 @@ def _zip64(extra: bytes, usize: int, csize: int, header: int, bad) -> tuple[int,
     raise bad("32-bit size or offset masked but no zip64 extra field")
 
 
-def data_offset(fh, record: Record) -> int:
-    """Where a member's bytes start: after its local header's own name and extra field."""
-    fh.seek(record.header)
-    head = fh.read(LOCAL.size)
-    if len(head) < LOCAL.size or head[:4] != b"PK\x03\x04":
-        raise FormatError(fh.name, f"member {record.name!r}: bad local header")
-    name_len, extra_len = struct.unpack_from("<HH", head, 26)
-    return record.header + LOCAL.size + name_len + extra_len
+def data_offset(path: str, heads, record: Record) -> int:
+    """Where a member's bytes start: after its local header's own name and extra field
+    (``heads``: the archive, memory-mapped); the bytes must lie inside the file."""
+    at = record.header
+    if heads[at : at + 4] != b"PK\x03\x04" or at + LOCAL.size > len(heads):
+        raise FormatError(path, f"member {record.name!r}: bad local header")
+    name_len, extra_len = struct.unpack_from("<HH", heads, at + 26)
+    start = at + LOCAL.size + name_len + extra_len
+    if start + record.size > len(heads):
+        raise FormatError(path, f"member {record.name!r} runs past the end of the file")
+    return start
 
 
 @dataclass
