@@ -1,8 +1,11 @@
 """PyTorch ``torch.save`` files: zip archives and the legacy (pre-1.6) format.
 
-Reading is weights-only: the pickle gate lists every global the file
-references before anything is unpickled, and ``torch.load(weights_only=True)``
-checks again.  Zip archives are memory-mapped, so tensors are read on demand.
+Reading is weights-only.  A zip archive of tensors and containers is read
+without torch (:func:`read_plain`: an unpickler that resolves only torch's
+tensor rebuild calls, and byte spans into the archive).  Anything else goes
+through the pickle gate, which lists every global the file references before
+anything is unpickled, then ``torch.load(weights_only=True)``, memory-mapped.
+Writing produces torch.save's zip layout with nnconv's own writer (:mod:`torchzip`).
 """
 
 from __future__ import annotations
