@@ -255,19 +255,26 @@ def worker_main() -> int:
         if outcome != "ok":
             raise RuntimeError(f"seed {seed.name} does not read: {outcome}")
     while True:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 70
-            try:
-                code = _serve()
-            finally:
-                os._exit(code)
+        pid = _fork(_serve)
         code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         if code == 0:
             return 0
         _send({"died": code})
+
+
+def _fork(child) -> int:
+    """Fork; the child runs ``child()`` and exits with its code (70 if it raised), never
+    returning into the parent's code.  Returns the child's pid."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            code = child()
+        finally:
+            os._exit(code)
+    return pid
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -551,28 +558,25 @@ def _inspect_in_fork(path: Path, err_path: Path) -> tuple[int, str]:
     """``nnconv inspect PATH`` in a forked child of this (torch-loaded) process."""
     from nnconv.converter import cli
 
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
+    def child() -> int:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        os.dup2(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        resource.setrlimit(resource.RLIMIT_CPU, (5, 5))
+        bound_memory()
+        sys.argv = ["nnconv", "inspect", str(path)]
         code = 70
         try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-            os.dup2(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
-            resource.setrlimit(resource.RLIMIT_CPU, (5, 5))
-            bound_memory()
-            sys.argv = ["nnconv", "inspect", str(path)]
-            try:
-                cli.main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-            except BaseException:
-                traceback.print_exc()
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        except BaseException:
+            traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return code
+
+    pid = _fork(child)
     deadline = time.monotonic() + WALL_LIMIT_S
     while not (status := os.waitpid(pid, os.WNOHANG))[0]:
         if time.monotonic() > deadline:
