@@ -23,7 +23,10 @@ from .inspect import human_bytes
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 FORMAT_NAMES = click.Choice(list(registry.ADAPTERS))
-TRUST_HELP = "Allow pickles to run code (trusted files only)."
+TRUST_HELP = (
+    "Trust the file: allow its pickles, TorchScript and recorded classes to run code "
+    "(--trust-pickle is an alias)."
+)
 
 
 def _fail(message: str) -> None:
@@ -84,7 +87,7 @@ def cli() -> None:
 @click.option("--compression", type=click.Choice(["gzip", "lzf"]), help="HDF5 compression.")
 @click.option("--force", is_flag=True, help="Replace an existing destination.")
 @click.option("--fsync", is_flag=True, help="Flush DST to disk before renaming it into place.")
-@click.option("--trust-pickle", is_flag=True, help=TRUST_HELP)
+@click.option("--trust-code", "--trust-pickle", "trust_code", is_flag=True, help=TRUST_HELP)
 @click.option("--model", "model", help="Model class: path/file.py:Class or package.module:Class.")
 @click.option("--model-args", help="JSON keyword arguments for the model class.")
 @click.option("--key", help="Where the state_dict sits in a training checkpoint, e.g. model.")
@@ -108,7 +111,7 @@ def convert(
     compression,
     force,
     fsync,
-    trust_pickle,
+    trust_code,
     model,
     model_args,
     key,
@@ -148,7 +151,7 @@ def convert(
             compression=compression,
             force=force,
             fsync=fsync,
-            trust_pickle=trust_pickle,
+            trust_code=trust_code,
             model=model,
             model_args=model_args,
             key=key,
@@ -178,7 +181,7 @@ def convert(
             key=key,
             input_shapes=input_shapes,
             input_dtype=input_dtype,
-            trust_pickle=trust_pickle,
+            trust_code=trust_code,
             progress=_progress_lines(),
         )
         _emit_report(report, None)
@@ -230,7 +233,7 @@ def _summary(result) -> str:
 @click.option("--save-golden", help="Store the inputs and reference outputs (.safetensors).")
 @click.option("--golden", help="Replay a golden file's inputs and compare its outputs.")
 @click.option("--force", is_flag=True, help="Replace an existing --save-golden file.")
-@click.option("--trust-pickle", is_flag=True, help=TRUST_HELP)
+@click.option("--trust-code", "--trust-pickle", "trust_code", is_flag=True, help=TRUST_HELP)
 def verify(
     reference,
     candidates,
@@ -250,7 +253,7 @@ def verify(
     save_golden,
     golden,
     force,
-    trust_pickle,
+    trust_code,
 ):
     """Prove CANDIDATES are the same model as REFERENCE: parameters and forward outputs.
 
@@ -274,7 +277,7 @@ def verify(
         params_only=params_only,
         outputs_only=outputs_only,
         seed=seed,
-        trust_pickle=trust_pickle,
+        trust_code=trust_code,
         save_golden=save_golden,
         golden=golden,
         force=force,
@@ -307,12 +310,12 @@ def _progress_lines():
 @click.argument("file", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--from", "src_format", type=FORMAT_NAMES, help="Format (else detected).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-@click.option("--trust-pickle", is_flag=True, help=TRUST_HELP)
-def inspect(file, src_format, as_json, trust_pickle):
+@click.option("--trust-code", "--trust-pickle", "trust_code", is_flag=True, help=TRUST_HELP)
+def inspect(file, src_format, as_json, trust_code):
     """Show FILE's format, metadata, tensors and module tree."""
     from .inspect import inspect as run_inspect
 
-    report = run_inspect(file, format=src_format, trust_pickle=trust_pickle)
+    report = run_inspect(file, format=src_format, trust_code=trust_code)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
     else:

@@ -54,13 +54,13 @@ class ConvertResult:
     missing: list[str] = field(default_factory=list)
 
 
-def load(path: PathLike, *, format: str | None = None, trust_pickle: bool = False) -> Checkpoint:
+def load(path: PathLike, *, format: str | None = None, trust_code: bool = False) -> Checkpoint:
     """Read a model file (any registered format) into a lazy :class:`Checkpoint`.
 
     ``format`` overrides detection by content and extension.  Call
     ``nnconv.formats.checkpoint.to_object(ckpt)`` for the Python object
     ``torch.load`` would give.  A whole-module pickle (torch.nn built-ins only,
-    unless ``trust_pickle``) or a TorchScript archive reads as its module's state_dict.
+    unless ``trust_code``) or a TorchScript archive reads as its module's state_dict.
     """
     path = Path(path)
     adapter = registry.detect(path, format=format)
@@ -68,9 +68,9 @@ def load(path: PathLike, *, format: str | None = None, trust_pickle: bool = Fals
     if plain is not None:  # tensors and containers only: no module, no pickle scan
         return plain
     if _holds_module(path, adapter):  # whole-module pickle or TorchScript: its state_dict
-        loaded = models.load_model(path, trust_pickle=trust_pickle)
-        return _checkpoint(path, format, trust_pickle, loaded)
-    return adapter.read(path, trust_pickle=trust_pickle)
+        loaded = models.load_model(path, trust_code=trust_code)
+        return _checkpoint(path, format, trust_code, loaded)
+    return adapter.read(path, trust_code=trust_code)
 
 
 def save(
@@ -118,7 +118,7 @@ def convert(
     compression: str | None = None,
     force: bool = False,
     fsync: bool = False,
-    trust_pickle: bool = False,
+    trust_code: bool = False,
     model: str | None = None,
     model_args: str | None = None,
     key: str | None = None,
@@ -158,7 +158,7 @@ def convert(
             inputs=inputs,
             force=force,
             fsync=fsync,
-            trust_pickle=trust_pickle,
+            trust_code=trust_code,
             options=onnx,
         )
     src_adapter = registry.detect(src, format=src_format)
@@ -189,8 +189,8 @@ def convert(
     loaded = None
     plain = pt_format.read_plain(src) if spec is None and src_adapter is pt_format else None
     if plain is None and (spec is not None or _holds_module(src, src_adapter)):
-        loaded = models.load_model(src, spec=spec, key=key, trust_pickle=trust_pickle)
-    with plain or _checkpoint(src, src_format, trust_pickle, loaded) as ckpt:
+        loaded = models.load_model(src, spec=spec, key=key, trust_code=trust_code)
+    with plain or _checkpoint(src, src_format, trust_code, loaded) as ckpt:
         out = ckpt
         if loaded is not None and loaded.source != "torchscript":
             record = arch.build(
@@ -205,9 +205,9 @@ def convert(
         return _result(src, dst, ckpt, out, save_options, loaded.source if loaded else None)
 
 
-def _export(src, dst, *, spec, key, inputs, force, fsync, trust_pickle, options) -> ConvertResult:
+def _export(src, dst, *, spec, key, inputs, force, fsync, trust_code, options) -> ConvertResult:
     """Weights + model -> ONNX, recording the architecture in the ONNX metadata."""
-    loaded = models.load_model(src, spec=spec, key=key, trust_pickle=trust_pickle)
+    loaded = models.load_model(src, spec=spec, key=key, trust_code=trust_code)
     inputs = inputs or _recorded_inputs(loaded)
     if not inputs:
         raise UsageError(
@@ -260,13 +260,13 @@ def _recorded_inputs(loaded: models.LoadedModel) -> list[InputSpec]:
     return []
 
 
-def _checkpoint(src: Path, src_format, trust_pickle: bool, loaded) -> Checkpoint:
+def _checkpoint(src: Path, src_format, trust_code: bool, loaded) -> Checkpoint:
     """The source's checkpoint; a whole-module file gives its module's state_dict."""
     if loaded is not None and loaded.source in ("module-pickle", "torchscript"):
         ckpt = from_object(loaded.module.state_dict(), subject=str(src))
         ckpt.format, ckpt.source = registry.detect(src).NAME, str(src)
         return ckpt
-    return load(src, format=src_format, trust_pickle=trust_pickle)
+    return load(src, format=src_format, trust_code=trust_code)
 
 
 def _save_with_progress(ckpt: Checkpoint, dst: Path, options: dict, progress) -> None:

@@ -117,14 +117,14 @@ class InspectReport:
 
 
 def inspect(
-    path: str | os.PathLike[str], *, format: str | None = None, trust_pickle: bool = False
+    path: str | os.PathLike[str], *, format: str | None = None, trust_code: bool = False
 ) -> InspectReport:
     """Describe a model file without loading its tensor values.
 
-    ``format`` overrides detection; ``trust_pickle`` lets a pt file reference
+    ``format`` overrides detection; ``trust_code`` lets a pt file reference
     globals outside the allowlist (its pickle code runs: trusted files only).
     """
-    with load(path, format=format, trust_pickle=trust_pickle) as ckpt:
+    with load(path, format=format, trust_code=trust_code) as ckpt:
         names = [str(n) for n in ckpt.names()]
         listed = set(names)
         names += [n for n in ckpt.tensors if n not in listed]  # defensive: never drop one

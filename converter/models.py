@@ -218,18 +218,18 @@ def is_module_pickle(globals_: list[str]) -> bool:
     return any(g in extra for g in globals_)
 
 
-def load_module_pickle(path: PathLike, *, trust_pickle: bool = False) -> Any:
+def load_module_pickle(path: PathLike, *, trust_code: bool = False) -> Any:
     """Unpickle a ``torch.save(model)`` file: gated by the module allowlist, then
     ``torch.load(weights_only=True)`` with exactly the allowed classes."""
     import torch
 
     globals_ = pt_format.globals_in(Path(path))
-    if not trust_pickle:
+    if not trust_code:
         pickle_gate.check_module(str(path), globals_)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if trust_pickle:
+            if trust_code:
                 return torch.load(path, map_location="cpu", weights_only=False)
             with torch.serialization.safe_globals(pickle_gate.module_safe_globals(globals_)):
                 return torch.load(path, map_location="cpu", weights_only=True)
@@ -239,7 +239,7 @@ def load_module_pickle(path: PathLike, *, trust_pickle: bool = False) -> Any:
         raise FormatError(path, f"torch.load failed: {_first_line(exc)}") from None
 
 
-def _read(path: Path, trust_pickle: bool) -> tuple[str, Any]:
+def _read(path: Path, trust_code: bool) -> tuple[str, Any]:
     """("torchscript" | "module-pickle" | "object", value) or ("checkpoint", Checkpoint)."""
     adapter = registry.detect(path)
     plain = pt_format.read_plain(path) if adapter is pt_format else None
@@ -250,9 +250,9 @@ def _read(path: Path, trust_pickle: bool) -> tuple[str, Any]:
     if adapter.NAME == pt_format.NAME and is_module_pickle(pt_format.globals_in(path)):
         from torch import nn
 
-        obj = load_module_pickle(path, trust_pickle=trust_pickle)
+        obj = load_module_pickle(path, trust_code=trust_code)
         return ("module-pickle" if isinstance(obj, nn.Module) else "object"), obj
-    return "checkpoint", adapter.read(path, trust_pickle=trust_pickle)
+    return "checkpoint", adapter.read(path, trust_code=trust_code)
 
 
 def load_model(
@@ -261,7 +261,7 @@ def load_model(
     spec: ModelSpec | None = None,
     key: str | None = None,
     example_inputs: tuple | None = None,
-    trust_pickle: bool = False,
+    trust_code: bool = False,
 ) -> LoadedModel:
     """A runnable model (eval mode) with the file's weights.
 
@@ -273,7 +273,7 @@ def load_model(
         kind, value, subject = "checkpoint", path_or_ckpt, path_or_ckpt.source
     else:
         subject = str(path_or_ckpt)
-        kind, value = _read(Path(path_or_ckpt), trust_pickle)
+        kind, value = _read(Path(path_or_ckpt), trust_code)
     try:
         if kind in ("torchscript", "module-pickle") and spec is None:
             return LoadedModel(value.eval(), kind)

@@ -220,7 +220,7 @@ def make_runner(
     *,
     spec: models.ModelSpec | str | None = None,
     key: str | None = None,
-    trust_pickle: bool = False,
+    trust_code: bool = False,
     example_inputs: tuple | None = None,
 ) -> Runner | None:
     """A runner for ``path``, or None when it holds weights only and no model is known
@@ -233,7 +233,7 @@ def make_runner(
         spec = models.parse_spec(spec)
     try:
         loaded = models.load_model(
-            path, spec=spec, key=key, example_inputs=example_inputs, trust_pickle=trust_pickle
+            path, spec=spec, key=key, example_inputs=example_inputs, trust_code=trust_code
         )
     except UsageError as exc:
         if spec is None and exc.problem.startswith("no model"):

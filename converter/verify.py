@@ -50,7 +50,7 @@ def verify(
     params_only: bool = False,
     outputs_only: bool = False,
     seed: int = 0,
-    trust_pickle: bool = False,
+    trust_code: bool = False,
     save_golden: PathLike | None = None,
     golden: PathLike | None = None,
     force: bool = False,
@@ -81,8 +81,8 @@ def verify(
         outputs_checked=False,
     )
     if golden is not None:
-        return _replay(report, Path(golden), reference, spec, key, trust_pickle, tolerances, say)
-    runner_args = dict(spec=spec, key=key, trust_pickle=trust_pickle, notes=report.notes)
+        return _replay(report, Path(golden), reference, spec, key, trust_code, tolerances, say)
+    runner_args = dict(spec=spec, key=key, trust_code=trust_code, notes=report.notes)
     ref_runner = None if params_only else _runner(reference, **runner_args)
     report.reference_runner = ref_runner.label if ref_runner else None
     if not candidates:
@@ -104,8 +104,8 @@ def verify(
         if not outputs_only:
             say(f"comparing parameters: {reference} vs {path}")
             with (
-                load(reference, trust_pickle=trust_pickle) as ref_ckpt,
-                load(path, trust_pickle=trust_pickle) as cand_ckpt,
+                load(reference, trust_code=trust_code) as ref_ckpt,
+                load(path, trust_code=trust_code) as cand_ckpt,
             ):
                 cand.parameters, cand.tied = compare_parameters(
                     ref_ckpt, cand_ckpt, tolerances=tolerances
@@ -156,11 +156,11 @@ def verify(
     return report
 
 
-def _runner(path, *, spec, key, trust_pickle, notes: list[str]):
+def _runner(path, *, spec, key, trust_code, notes: list[str]):
     """A runner, or None; a record naming classes not importable here only costs the outputs
     (the user asked for no model), while a bad ``--model`` is an error."""
     try:
-        return make_runner(path, spec=spec, key=key, trust_pickle=trust_pickle)
+        return make_runner(path, spec=spec, key=key, trust_code=trust_code)
     except UsageError as exc:
         if spec is not None:
             raise
@@ -268,10 +268,10 @@ def _self_check(
     return report
 
 
-def _replay(report, golden_path: Path, path, spec, key, trust_pickle, tolerances, say):
+def _replay(report, golden_path: Path, path, spec, key, trust_code, tolerances, say):
     """Replay a golden file's inputs on ``path`` and compare with its stored outputs."""
     stored = golden_io.load_golden(golden_path)
-    runner = make_runner(path, spec=spec, key=key, trust_pickle=trust_pickle)
+    runner = make_runner(path, spec=spec, key=key, trust_code=trust_code)
     if runner is None:
         raise UsageError(
             path,

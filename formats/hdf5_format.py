@@ -215,7 +215,7 @@ class _Source:
             self.h5 = None
 
 
-def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
+def read(path: Path, *, trust_code: bool = False) -> Checkpoint:
     path = Path(path)
     if path.exists() and not path.is_file():  # libhdf5 would wait on a pipe for ever
         raise FormatError(path, "not a regular file", remedy="HDF5 files are read by seeking")

@@ -124,7 +124,7 @@ def load_model(path: str | os.PathLike[str]):
     return model
 
 
-def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
+def read(path: Path, *, trust_code: bool = False) -> Checkpoint:
     path = Path(path)
     return from_model(load_model(path), subject=path, folder=path.parent)
 

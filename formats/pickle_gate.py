@@ -166,7 +166,7 @@ def check(subject: str, globals_: list[str]) -> None:
         subject,
         bad,
         problem=f"unpickling would need globals outside nnconv's allowlist: {', '.join(bad)}",
-        remedy="pass --trust-pickle only if you trust this file: it lets the file run code",
+        remedy="pass --trust-code only if you trust this file: it lets the file run code",
     )
 
 
@@ -311,7 +311,7 @@ def check_module(subject: str, globals_: list[str]) -> None:
         bad,
         problem="unpickling this module would need globals outside nnconv's allowlist of "
         f"torch.nn built-ins: {', '.join(bad)}",
-        remedy="pass --trust-pickle only if you trust this file: it lets the file run code; "
+        remedy="pass --trust-code only if you trust this file: it lets the file run code; "
         "or pass --model path.py:Class with a state_dict",
     )
 

@@ -160,13 +160,13 @@ def _check_records(path: Path, zf: zipfile.ZipFile) -> None:
             )
 
 
-def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
+def read(path: Path, *, trust_code: bool = False) -> Checkpoint:
     path = Path(path)
     plain = read_plain(path)  # its unpickler resolves only tensor rebuilds: a gate itself
     if plain is not None:
         return plain
     globals_ = globals_in(path)
-    if not trust_pickle:
+    if not trust_code:
         pickle_gate.check(str(path), globals_)
     import torch  # only once the gate has passed: refusing a file stays cheap
 
@@ -175,7 +175,7 @@ def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
         with warnings.catch_warnings():  # torch's advice would be a second stderr line
             warnings.simplefilter("ignore")
             obj = torch.load(
-                path, map_location="cpu", weights_only=not trust_pickle, mmap=not legacy
+                path, map_location="cpu", weights_only=not trust_code, mmap=not legacy
             )
     except NnconvError:
         raise

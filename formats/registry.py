@@ -2,7 +2,7 @@
 
 Every adapter module exposes the same names: ``NAME``, ``EXTENSIONS``,
 ``DESCRIPTION``, ``CAN_WRITE``, ``sniff(path, head) -> bool``,
-``read(path, *, trust_pickle=False) -> Checkpoint`` and
+``read(path, *, trust_code=False) -> Checkpoint`` and
 ``write(ckpt, path, *, options) -> None``.  Adding a format is one new
 ``*_format.py`` module and one line in :data:`ADAPTERS`.
 """

@@ -174,7 +174,7 @@ def _is_file(path: Path) -> bool:
 
 
 @paused_gc()
-def read(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
+def read(path: Path, *, trust_code: bool = False) -> Checkpoint:
     path = Path(path)
     ckpt = Checkpoint(tensors={}, structure=None, format=NAME, source=str(path))
     index_path = path / sharding.INDEX_NAME if path.is_dir() else path

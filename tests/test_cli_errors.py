@@ -507,7 +507,7 @@ def test_help(tmp_path):
         pytest.skip("the nnconv console script is not on PATH")
     proc = subprocess.run([script, "convert", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "--trust-pickle" in proc.stdout
+    assert "--trust-code" in proc.stdout
 
 
 @pytest.mark.parametrize("replace", [False, True], ids=["new", "replace-with-force"])

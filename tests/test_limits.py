@@ -400,7 +400,7 @@ def test_inspect_refusal_names_globals_and_trusted_report_lists_them(tmp_path):
     torch.save(AsDict(), path)
     with pytest.raises(NnconvError, match="builtins.dict"):
         inspect(path)
-    assert "builtins.dict" in inspect(path, trust_pickle=True).globals
+    assert "builtins.dict" in inspect(path, trust_code=True).globals
 
 
 def test_inspect_globals_absent_for_other_formats(tmp_path):

@@ -322,8 +322,8 @@ def test_custom_class_module_is_refused_unless_trusted(tmp_path):
     with pytest.raises(UnsafePickleError) as err:
         load_model(tmp_path / "custom.pt")
     assert err.value.globals == [f"{__name__}.Wrapper"]
-    assert "--trust-pickle" in str(err.value)
-    loaded = load_model(tmp_path / "custom.pt", trust_pickle=True)
+    assert "--trust-code" in str(err.value)
+    loaded = load_model(tmp_path / "custom.pt", trust_code=True)
     assert type(loaded.module).__name__ == "Wrapper"
 
 

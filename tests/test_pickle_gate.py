@@ -7,7 +7,7 @@ through ``os.system``, ``subprocess.call`` or ``copyreg._reconstructor`` on
 legitimate tensor and in a legacy-format (pre-1.6) file; hand-written protocol
 0/1/4 pickles (INST, OBJ, GLOBAL chains, STACK_GLOBAL) are put in both
 containers by hand.  ``nnconv convert`` and ``nnconv inspect`` must exit 2 with
-one ``Error:`` line naming the offending globals and ``--trust-pickle``, and the
+one ``Error:`` line naming the offending globals and ``--trust-code``, and the
 marker must never appear.
 
 Positive controls unpickle the payloads in-process (never through nnconv) to
@@ -293,7 +293,7 @@ def error_line(run: Run) -> str:
 def assert_names_globals(line: str, dotted: list[str]) -> None:
     for name in dotted:
         assert spellings(name) & {w.strip(",()") for w in line.split()}, f"{name} not in {line}"
-    assert "--trust-pickle" in line, line
+    assert "--trust-code" in line, line
 
 
 # --- the corpus: every file, every command, run once per module -------------------
@@ -405,12 +405,12 @@ def corpus(tmp_path_factory) -> dict[str, Entry]:
     return entries
 
 
-TRUSTED = {"dict.zip", "counter.zip", "module.zip"}  # harmless: also run with --trust-pickle
+TRUSTED = {"dict.zip", "counter.zip", "module.zip"}  # harmless: also run with --trust-code
 
 
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory) -> dict[tuple[str, str], Run]:
-    """(key, command) -> Run, for every file: convert, inspect (and convert --trust-pickle)."""
+    """(key, command) -> Run, for every file: convert, inspect (and convert --trust-code)."""
     cases, keys = [], []
     for key, entry in corpus.items():
         out = entry.folder.parent.parent / "out" / key.replace("/", "_")
@@ -424,7 +424,7 @@ def runs(corpus, tmp_path_factory) -> dict[tuple[str, str], Run]:
                     "convert",
                     str(entry.folder / entry.file),
                     str(out / "trusted.safetensors"),
-                    "--trust-pickle",
+                    "--trust-code",
                 ],
             ),
         ):
@@ -533,7 +533,7 @@ def test_memo_confusion_is_named_by_the_gate(corpus, runs):
     assert_names_globals(line, ["builtins.exec"])
 
 
-# --- lazy parameters, legitimate legacy files, --trust-pickle --------------------------
+# --- lazy parameters, legitimate legacy files, --trust-code --------------------------
 
 
 @pytest.mark.parametrize("key", ["lazy.zip", "lazy.legacy"])
@@ -567,8 +567,8 @@ def test_harmless_foreign_global_is_refused_without_trust(key, corpus, runs):
     assert_names_globals(line, entry.globals)
 
 
-def test_trust_pickle_loads_a_harmless_global(corpus, runs):
-    """builtins.dict called by the pickle: loads and converts with --trust-pickle."""
+def test_trust_code_loads_a_harmless_global(corpus, runs):
+    """builtins.dict called by the pickle: loads and converts with --trust-code."""
     entry = corpus["dict.zip"]
     run = runs[("dict.zip", "trusted")]
     assert run.rc == 0, run.err
@@ -579,7 +579,7 @@ def test_trust_pickle_loads_a_harmless_global(corpus, runs):
 @pytest.mark.parametrize(
     "key, words", [("counter.zip", ["collections.Counter"]), ("module.zip", ["module"])]
 )
-def test_trust_pickle_unsupported_object_is_a_clear_error(key, words, corpus, runs):
+def test_trust_code_unsupported_object_is_a_clear_error(key, words, corpus, runs):
     entry = corpus[key]
     line = error_line(runs[(key, "trusted")])
     assert entry.file in line
@@ -680,7 +680,7 @@ def test_check_names_every_offending_global():
     for name in info.value.globals:
         assert name in message
     assert "torch._utils" not in message and "OrderedDict" not in message
-    assert "--trust-pickle" in message
+    assert "--trust-code" in message
 
 
 def test_check_passes_allowlisted_globals():

@@ -238,5 +238,5 @@ def test_malicious_pickle_is_refused_by_verify(tmp_path, side):
     args = [evil, good] if side == "reference" else [good, evil]
     rc, out, err = _cli("verify", *args)
     assert rc == 2, out + err
-    assert err.startswith("Error: ") and "builtins.exec" in err and "--trust-pickle" in err
+    assert err.startswith("Error: ") and "builtins.exec" in err and "--trust-code" in err
     assert not marker.exists()
