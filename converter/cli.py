@@ -23,6 +23,7 @@ from .inspect import human_bytes
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 FORMAT_NAMES = click.Choice(list(registry.ADAPTERS))
+TRUSTED = "--trust-code: the source was allowed to run code"
 TRUST_HELP = (
     "Trust the file: allow its pickles, TorchScript and recorded classes to run code "
     "(--trust-pickle is an alias)."
@@ -169,7 +170,7 @@ def convert(
             click.echo(f"  {row.key} <- {source}", err=True)
     for name in result.missing:
         click.echo(f"  {name}: not recovered (left out)", err=True)
-    click.echo(_summary(result))
+    click.echo(_summary(result) + (f" ({TRUSTED})" if trust_code else ""))
     if then_verify:
         from .verify import verify as run_verify
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from nnconv.formats import pt_format, registry, sharding
-from nnconv.formats.atomic import check_destination
+from nnconv.formats.atomic import resolve_destination
 from nnconv.formats.checkpoint import Checkpoint
 from nnconv.formats.errors import UsageError
 from nnconv.formats.objects import cast, from_object
@@ -60,14 +60,15 @@ def load(path: PathLike, *, format: str | None = None, trust_code: bool = False)
     ``format`` overrides detection by content and extension.  Call
     ``nnconv.formats.checkpoint.to_object(ckpt)`` for the Python object
     ``torch.load`` would give.  A whole-module pickle (torch.nn built-ins only,
-    unless ``trust_code``) or a TorchScript archive reads as its module's state_dict.
+    unless ``trust_code``) or a TorchScript archive reads as its module's state_dict,
+    without running anything.
     """
     path = Path(path)
     adapter = registry.detect(path, format=format)
     plain = pt_format.read_plain(path) if adapter is pt_format else None
     if plain is not None:  # tensors and containers only: no module, no pickle scan
         return plain
-    if _holds_module(path, adapter):  # whole-module pickle or TorchScript: its state_dict
+    if _holds_module(path, adapter):  # whole-module pickle: its state_dict
         loaded = models.load_model(path, trust_code=trust_code)
         return _checkpoint(path, format, trust_code, loaded)
     return adapter.read(path, trust_code=trust_code)
@@ -144,7 +145,10 @@ def convert(
         raise UsageError(dst, "--shard-size applies to safetensors destinations only")
     if compression and dst_adapter.NAME != "hdf5":
         raise UsageError(dst, "--compression applies to hdf5 destinations only")
-    check_destination(dst, force=force, sources=(src,))
+    # An existing folder is written into (DIR/<stem>.<ext>, or shards beside its files).
+    dst = resolve_destination(
+        dst, source=src, extension=dst_adapter.EXTENSIONS[0], sharded=bool(shard_size), force=force
+    )
     spec = models.parse_spec(model, model_args) if model else None
     inputs = input_specs(list(input_shapes), input_dtype) if input_shapes else []
     if dst_adapter.NAME == "onnx":
@@ -248,10 +252,11 @@ def _export(src, dst, *, spec, key, inputs, force, fsync, trust_code, options) -
 
 
 def _holds_module(src: Path, adapter) -> bool:
-    """A TorchScript archive or a whole-module pickle: its weights come from the module."""
-    if adapter.NAME != "pt":
+    """A whole-module pickle: its weights come from the module.  (A TorchScript archive's
+    weights are read by nnconv's restricted reader: running it is not needed.)"""
+    if adapter.NAME != "pt" or models.is_torchscript(src):
         return False
-    return models.is_torchscript(src) or models.is_module_pickle(pt_format.globals_in(src))
+    return models.is_module_pickle(pt_format.globals_in(src))
 
 
 def _recorded_inputs(loaded: models.LoadedModel) -> list[InputSpec]:

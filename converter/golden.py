@@ -33,6 +33,8 @@ from .state_dicts import _first_line
 if TYPE_CHECKING:
     import torch
 
+MAX_DECLARED_INPUT_BYTES = 256 << 20  # random inputs a file's declared shapes may ask for
+
 __all__ = [
     "GOLDEN_KEY",
     "Golden",
@@ -168,6 +170,7 @@ def resolve_inputs(
         if dtype:
             dtypes.get(dtype)
         specs = [dataclasses.replace(s, dtype=dtype) if dtype else s for s in declared]
+        _check_declared_size(specs)
     else:
         raise UsageError(
             None,
@@ -175,6 +178,20 @@ def resolve_inputs(
             remedy="pass --input-shape, e.g. --input-shape 2,20",
         )
     return specs, list(example_tensors(specs, seed=seed))
+
+
+def _check_declared_size(specs: list[InputSpec]) -> None:
+    """Shapes a file declares (record, ONNX graph) are claims: bound what they allocate."""
+    total = sum(dtypes.numel(s.shape) * dtypes.get(s.dtype).itemsize for s in specs)
+    if total > MAX_DECLARED_INPUT_BYTES:
+        raise UsageError(
+            None,
+            f"the declared inputs ({', '.join(f'{s.name} {list(s.shape)}' for s in specs)}) "
+            f"would take {total} bytes",
+            value=total,
+            limit=MAX_DECLARED_INPUT_BYTES,
+            remedy="pass --input-shape to choose the input size",
+        )
 
 
 def _check_count(subject, count: int, declared: list[InputSpec] | None, what: str) -> None:

@@ -4,7 +4,8 @@ A checkpoint holds weights; exporting or verifying needs the module that runs
 them.  It comes from a model spec (a class to instantiate, its state_dict picked
 out of the checkpoint and loaded strictly), or from the file itself: a
 whole-module pickle (gated like every pickle, with torch.nn built-ins allowed),
-a TorchScript archive, or nnconv's architecture record in the metadata.
+a TorchScript archive (run only with ``--trust-code``), or nnconv's architecture
+record in the metadata (classes other than torch.nn built-ins: ``--trust-code``).
 
 Picking and loading the state_dict lives in :mod:`.state_dicts` (re-exported
 here); a mismatch is one :class:`ModelMismatchError` line.
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nnconv.formats import pickle_gate, pt_format, registry
+from nnconv.formats import pickle_gate, pt_format, registry, trust
 from nnconv.formats.checkpoint import Checkpoint
 from nnconv.formats.errors import FormatError, NnconvError, UsageError
 
@@ -181,8 +182,12 @@ def is_torchscript(path: PathLike) -> bool:
     return pt_format.is_torchscript(Path(path))
 
 
-def load_torchscript(path: PathLike) -> torch.jit.ScriptModule:
-    """``torch.jit.load`` (TorchScript code is compiled, never run as Python)."""
+def load_torchscript(path: PathLike, *, trust_code: bool = False) -> torch.jit.ScriptModule:
+    """``torch.jit.load``: it runs the archive's own TorchScript (``__setstate__``,
+    methods), so only with ``trust_code``; the weights alone need no trust
+    (``pt_format.read`` reads them with nnconv's restricted reader)."""
+    if not trust_code:
+        raise trust.refuse(path, "running a TorchScript archive runs the code it holds")
     import torch
 
     try:
@@ -220,7 +225,10 @@ def is_module_pickle(globals_: list[str]) -> bool:
 
 def load_module_pickle(path: PathLike, *, trust_code: bool = False) -> Any:
     """Unpickle a ``torch.save(model)`` file: gated by the module allowlist, then
-    ``torch.load(weights_only=True)`` with exactly the allowed classes."""
+    ``torch.load(weights_only=True)`` with exactly the allowed classes, each behind a
+    stand-in that creates the object without calling its constructor (what a real
+    ``torch.save(model)`` pickle does): a crafted ``Linear(20000, 20000)`` call
+    allocates nothing, the module's tensors are the file's."""
     import torch
 
     globals_ = pt_format.globals_in(Path(path))
@@ -231,22 +239,75 @@ def load_module_pickle(path: PathLike, *, trust_code: bool = False) -> Any:
             warnings.simplefilter("ignore")
             if trust_code:
                 return torch.load(path, map_location="cpu", weights_only=False)
-            with torch.serialization.safe_globals(pickle_gate.module_safe_globals(globals_)):
-                return torch.load(path, map_location="cpu", weights_only=True)
+            allowed = pickle_gate.module_safe_globals(globals_)
+            with torch.serialization.safe_globals(_without_constructors(allowed)):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        _check_built(path, obj)
+        return obj
     except NnconvError:
         raise
     except Exception as exc:
         raise FormatError(path, f"torch.load failed: {_first_line(exc)}") from None
 
 
+def _without_constructors(allowed: list[tuple[Any, str]]) -> list[tuple[Any, str]]:
+    """torch.nn classes replaced by stand-ins whose call only allocates the bare object;
+    the real class stays registered under a name no pickle can spell, so that torch's
+    unpickler accepts BUILD on its instances."""
+    from torch import nn
+
+    out = []
+    for obj, name in allowed:
+        if isinstance(obj, type) and issubclass(obj, nn.Module):
+            stand_in = type(obj.__name__, (), {"__new__": _bare(obj)})
+            out += [(stand_in, name), (obj, f"<nnconv bare {name}>")]
+        else:
+            out.append((obj, name))
+    return out
+
+
+def _check_built(path: PathLike, obj: Any) -> None:
+    """Every module in the tree got its pickled state (a crafted call of a stand-in
+    leaves a bare object that any use would trip over)."""
+    from torch import nn
+
+    todo, seen = ([obj] if isinstance(obj, nn.Module) else []), set()
+    while todo:
+        module = todo.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        state = vars(module)
+        if not all(isinstance(state.get(k), dict) for k in ("_parameters", "_buffers", "_modules")):
+            raise FormatError(
+                path,
+                f"holds a {type(module).__name__} module without its state: not a module "
+                "torch.save wrote",
+            )
+        todo += [m for m in state["_modules"].values() if isinstance(m, nn.Module)]
+
+
+def _bare(cls: type):
+    def new(_stand_in, *args, **kwargs):  # NEWOBJ and REDUCE alike: no __init__ runs
+        return cls.__new__(cls)
+
+    return new
+
+
 def _read(path: Path, trust_code: bool) -> tuple[str, Any]:
-    """("torchscript" | "module-pickle" | "object", value) or ("checkpoint", Checkpoint)."""
+    """("torchscript" | "module-pickle" | "object", value) or ("checkpoint", Checkpoint).
+
+    A TorchScript archive reads as weights (nnconv's restricted reader) unless
+    ``trust_code`` lets torch.jit load and run it.
+    """
     adapter = registry.detect(path)
     plain = pt_format.read_plain(path) if adapter is pt_format else None
     if plain is not None:  # tensors and containers: no module, no torch needed yet
         return "checkpoint", plain
-    if is_torchscript(path):
-        return "torchscript", load_torchscript(path)
+    if adapter is pt_format and is_torchscript(path):
+        if trust_code:
+            return "torchscript", load_torchscript(path, trust_code=True)
+        return "checkpoint", adapter.read(path)
     if adapter.NAME == pt_format.NAME and is_module_pickle(pt_format.globals_in(path)):
         from torch import nn
 
@@ -267,7 +328,8 @@ def load_model(
 
     With ``spec``: instantiate it and load the selected state_dict strictly.
     Without: the file must describe its model (whole-module pickle, TorchScript
-    archive, or a checkpoint carrying nnconv's architecture record).
+    archive with ``trust_code``, or a checkpoint carrying nnconv's architecture
+    record, whose non-built-in classes need ``trust_code`` too).
     """
     if isinstance(path_or_ckpt, Checkpoint):
         kind, value, subject = "checkpoint", path_or_ckpt, path_or_ckpt.source
@@ -283,6 +345,12 @@ def load_model(
             sd, selection = select_state_dict(weights, module, key=key)
             load_weights(module, sd, example_inputs=example_inputs, subject=subject)
             return LoadedModel(module, "spec", selection)
+        if kind == "checkpoint" and value.format == pt_format.NAME and value.source:
+            scripted = is_torchscript(value.source)  # its weights read, its code never run
+        else:
+            scripted = False
+        if scripted:
+            raise trust.refuse(subject, "running a TorchScript archive runs the code it holds")
         text = value.metadata.get(arch.ARCHITECTURE_KEY) if kind == "checkpoint" else None
         if text is None:
             raise UsageError(
@@ -291,10 +359,10 @@ def load_model(
                 remedy="pass --model path.py:Class",
             )
         rec = arch.loads(text, subject)
-        module = arch.rebuild(rec)
+        module = arch.rebuild(rec, trust_code=trust_code, subject=subject)
         sd, selection = select_state_dict(value, module, key=key)
         load_weights(module, sd, example_inputs=example_inputs, subject=subject)
         return LoadedModel(module, "record", selection, rec)
     finally:
         if kind == "checkpoint" and not isinstance(path_or_ckpt, Checkpoint):
-            value.close()  # the module holds copies of the weights
+            value.close()  # the module holds the weights it needs

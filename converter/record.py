@@ -4,9 +4,10 @@ A checkpoint carries only tensors; the record (stored as JSON under the
 metadata key :data:`ARCHITECTURE_KEY`) names every module's class and, for
 torch.nn built-ins, the constructor arguments read back from the module, so a
 later ``nnconv`` run can rebuild a runnable model from a safetensors or HDF5
-file alone.  User classes are recorded by import path and rebuilt by importing
-them and calling them with the recorded ``--model-args``; nothing is ever
-unpickled, and only ``torch.nn.Module`` subclasses are ever called.
+file alone.  User classes are recorded by import path; rebuilding imports and
+calls them only with ``--trust-code`` (:mod:`nnconv.formats.trust`): a record
+names, it does not import.  Built-ins are built on the ``meta`` device and
+get the file's own tensors, so a record cannot make nnconv allocate memory.
 
 Only :func:`build` and :func:`rebuild` import torch: ``inspect`` can show a
 record (:func:`loads`, :func:`summary`) without paying for it.
@@ -23,6 +24,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from nnconv.formats import trust
 from nnconv.formats.errors import FormatError, UsageError
 
 from .inputs import InputSpec
@@ -182,18 +184,8 @@ def _stack_args(m: Any) -> tuple[dict, dict]:
 
 
 def _rnn_args(m: Any) -> tuple[dict, dict]:
-    args = {
-        name: getattr(m, name)
-        for name in (
-            "input_size",
-            "hidden_size",
-            "num_layers",
-            "bias",
-            "batch_first",
-            "dropout",
-            "bidirectional",
-        )
-    }
+    names = "input_size hidden_size num_layers bias batch_first dropout bidirectional"
+    args = {name: getattr(m, name) for name in names.split()}
     if m.mode == "LSTM":
         args["proj_size"] = m.proj_size
     elif m.mode.startswith("RNN_"):
@@ -276,11 +268,33 @@ def _check_node(subject: str | None, node: Any, path: str, depth: int) -> None:
 # --- rebuild ------------------------------------------------------------------
 
 
-def rebuild(record: dict) -> nn.Module:
-    """A fresh module of the recorded architecture (random weights; load them next)."""
+def rebuild(record: dict, *, trust_code: bool = False, subject: str | None = None) -> nn.Module:
+    """A module of the recorded architecture, to load the file's weights into.
+
+    Without ``trust_code`` only torch.nn built-ins are called (never imported by a
+    name the file chose) and on the ``meta`` device: nothing is allocated until
+    the file's own tensors are assigned (``load_state_dict(assign=True)``).  A
+    record naming any other class is refused, naming the classes.
+    """
+    import torch
+
+    foreign = untrusted_classes(record)
+    if foreign and not trust_code:
+        raise trust.refuse(
+            subject, "the architecture record names classes nnconv does not import", names=foreign
+        )
     with warnings.catch_warnings():  # e.g. TransformerEncoder's nested-tensor advice
         warnings.simplefilter("ignore")
-        return _rebuild(record["root"])
+        if foreign:  # trusted user classes: their constructors may not work on meta
+            return _rebuild(record["root"])
+        with torch.device("meta"):
+            return _rebuild(record["root"])
+
+
+def untrusted_classes(record: dict) -> list[str]:
+    """The record's classes that are not torch.nn built-ins nnconv may call unasked."""
+    names = {node["class"] for node, _ in _walk(record["root"], 0)}
+    return sorted(n for n in names if n.replace(":", ".", 1) not in trust.NN_BUILTINS)
 
 
 def _children(node: dict) -> dict[str, dict]:

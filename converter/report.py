@@ -115,6 +115,7 @@ class VerifyReport:
     outputs_checked: bool  # False when no side could be run: parameters only
     reference_runner: str | None = None
     notes: list[str] = field(default_factory=list)
+    trust_code: bool = False  # --trust-code: the files were allowed to run code
 
     @property
     def passed(self) -> bool:
@@ -136,6 +137,7 @@ class VerifyReport:
                     "format": self.reference_format,
                     "runner": self.reference_runner,
                 },
+                "trust_code": self.trust_code,
                 "seed": self.seed,
                 "devices": list(self.devices),
                 "versions": dict(self.versions),
@@ -163,7 +165,8 @@ class VerifyReport:
         lines = [
             f"reference  {self.reference} ({self.reference_format})"
             + (f", runs with {self.reference_runner}" if self.reference_runner else ""),
-            f"seed {self.seed}, devices {', '.join(self.devices)}",
+            f"seed {self.seed}, devices {', '.join(self.devices)}"
+            + (", --trust-code: the files may run code" if self.trust_code else ""),
         ]
         for cand in self.candidates:
             lines += ["", *_render_candidate(cand)]

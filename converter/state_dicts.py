@@ -241,8 +241,11 @@ def load_weights(
                 remedy="pass --input-shape",
             )
     _check_fit(module, state_dict, subject)
+    on_meta = any(t.is_meta for t in chain(module.parameters(), module.buffers()))
+    if on_meta:  # built from a record: the file's tensors become the module's, in its dtypes
+        state_dict = _in_dtypes(module, state_dict)
     try:
-        module.load_state_dict(state_dict, strict=True)
+        module.load_state_dict(state_dict, strict=True, assign=on_meta)
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
@@ -250,7 +253,22 @@ def load_weights(
             subject, f"the checkpoint does not fit {type(module).__name__}: {detail}"
         ) from None
     _finish_lazy(module)
+    left = [n for n, t in chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
+    if left:
+        raise ModelMismatchError(
+            subject, f"the checkpoint leaves {_listed(left, 'tensor')} of the model unset"
+        )
     module.eval()
+
+
+def _in_dtypes(module: nn.Module, state_dict: Mapping) -> dict:
+    """``state_dict`` with each tensor in the dtype the module declares for it (what a
+    copying load would do); tensors already in that dtype are kept, not copied."""
+    want = {k: t.dtype for k, t in module.state_dict(keep_vars=True).items()}
+    return {
+        k: v.to(want[k]) if k in want and hasattr(v, "dtype") and v.dtype != want[k] else v
+        for k, v in state_dict.items()
+    }
 
 
 def _check_fit(module: nn.Module, state_dict: Mapping, subject: str | None) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nnconv.formats import registry
-from nnconv.formats.errors import UsageError
+from nnconv.formats.errors import UnsafePickleError, UntrustedCodeError, UsageError
 
 from . import golden as golden_io
 from . import models
@@ -79,6 +79,7 @@ def verify(
         devices=devices,
         versions=_versions(),
         outputs_checked=False,
+        trust_code=trust_code,
     )
     if golden is not None:
         return _replay(report, Path(golden), reference, spec, key, trust_code, tolerances, say)
@@ -115,10 +116,11 @@ def verify(
         report.notes.append("outputs not checked: --params-only")
         return report
     if ref_runner is None:
-        report.notes.append(
-            f"outputs not checked: {reference} holds weights only and no model describes it "
-            "(pass --model path.py:Class)"
-        )
+        if not any(n.startswith(f"{reference}: ") for n in report.notes):
+            report.notes.append(
+                f"outputs not checked: {reference} holds weights only and no model describes "
+                "it (pass --model path.py:Class)"
+            )
         return report
     specs, tensors = resolve_inputs(
         [ref_runner, *[r for r in cand_runners if r]],
@@ -161,6 +163,11 @@ def _runner(path, *, spec, key, trust_code, notes: list[str]):
     (the user asked for no model), while a bad ``--model`` is an error."""
     try:
         return make_runner(path, spec=spec, key=key, trust_code=trust_code)
+    except UnsafePickleError:
+        raise  # the file cannot even be read without trust
+    except UntrustedCodeError as exc:  # parameters only, saying what was not trusted
+        notes.append(f"{path}: outputs not run: {exc.problem} (pass --trust-code to run it)")
+        return None
     except UsageError as exc:
         if spec is not None:
             raise

@@ -9,6 +9,7 @@ from .errors import (
     NnconvError,
     UnsafePickleError,
     UnsupportedError,
+    UntrustedCodeError,
     UsageError,
 )
 from .objects import cast, from_object, to_object
@@ -22,6 +23,7 @@ __all__ = [
     "NnconvError",
     "UnsafePickleError",
     "UnsupportedError",
+    "UntrustedCodeError",
     "UsageError",
     "cast",
     "from_object",

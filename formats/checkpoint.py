@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from . import dtypes
-from .errors import FormatError
+from .errors import FormatError, UsageError
 
 # Metadata keys nnconv owns.  Everything else is the user's, carried as is.
 STRUCTURE_KEY = "nnconv.structure"
@@ -41,6 +42,20 @@ SCALARS = (type(None), bool, int, float, str)
 # name, 10^7 stays within a few GB of memory.
 MAX_DEPTH = 100
 MAX_TENSORS = 10_000_000
+# MAX_VIEW_EXPANSION: a tensor may hold at most this many times the bytes the file
+# stores for it (its storage), plus VIEW_SLACK, and a checkpoint's tensors together
+# as many times their storages: only stride-0 (``expand``) or overlapping views exceed
+# 1x, and a state_dict's are small (HF ``position_ids``: 1x).  A crafted 600-byte view
+# of 2^29 elements would otherwise become 2 GiB.  NNCONV_MAX_EXPANSION raises it.
+# MAX_SHARED_NODES: container nodes and leaves walked again because a dict, list or
+# tuple is referenced more than once (optimizers share small tuples between parameter
+# groups); pickle memo references make 2^n of them from n levels of a few bytes each.
+# INT64_MAX: the largest dimension, stride, offset or byte size torch can represent.
+MAX_VIEW_EXPANSION = 16
+VIEW_SLACK = 1 << 20
+EXPANSION_ENV = "NNCONV_MAX_EXPANSION"
+MAX_SHARED_NODES = 100_000
+INT64_MAX = (1 << 63) - 1
 
 
 class Span(NamedTuple):
@@ -195,6 +210,35 @@ def check_count(subject: str | None, count: int, error: type = FormatError) -> N
             value=count,
             limit=MAX_TENSORS,
             remedy="the file is corrupt or crafted",
+        )
+
+
+def max_view_expansion() -> int:
+    """:data:`MAX_VIEW_EXPANSION`, or the value of ``NNCONV_MAX_EXPANSION`` when set."""
+    raw = os.environ.get(EXPANSION_ENV)
+    if raw is None:
+        return MAX_VIEW_EXPANSION
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(None, f"{EXPANSION_ENV}={raw!r} is not a positive integer")
+    return value
+
+
+def check_expansion(subject: str | None, what: str, nbytes: int, held: int) -> None:
+    """Refuse ``nbytes`` materialised from ``held`` stored bytes beyond the view limit."""
+    factor = max_view_expansion()
+    limit = factor * held + VIEW_SLACK
+    if nbytes > limit:
+        raise FormatError(
+            subject,
+            f"{what} spans {nbytes:,} bytes but the file holds {held:,} for it (a view "
+            f"repeating its storage more than {factor}x)",
+            value=nbytes,
+            limit=limit,
+            remedy=f"the file is corrupt or crafted; set {EXPANSION_ENV}=N to allow Nx",
         )
 
 

@@ -41,7 +41,12 @@ class FormatError(NnconvError):
     """The file is missing, unrecognised, truncated, corrupt or inconsistent."""
 
 
-class UnsafePickleError(NnconvError):
+class UntrustedCodeError(NnconvError):
+    """Doing what was asked would run or import code the file chose (see
+    :mod:`nnconv.formats.trust`); only ``--trust-code`` (``trust_code=True``) allows it."""
+
+
+class UnsafePickleError(UntrustedCodeError):
     """Reading the file would need globals outside nnconv's allowlist."""
 
     def __init__(self, subject: str | PathLike[str], globals_: list[str], **kwargs) -> None:

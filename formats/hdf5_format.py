@@ -12,19 +12,18 @@ Reading also accepts Keras 3 ``*.weights.h5`` (named by their HDF5 paths,
 ``weight_names``, ``dense/kernel:0``): Keras' own names, unchanged.  Other HDF5
 files are named by their dataset paths with ``/`` shown as ``.``.
 
-Reading reads nothing outside the file (external links, external storage and
-virtual datasets are refused), walks each group once, and bounds every shape by
-what the file stores (:func:`_check_storage`) before describing a tensor.
+Reading opens only regular files, reads nothing outside the file (external links,
+external storage and virtual datasets are refused before libhdf5 could open their
+targets: nnconv follows links itself, :mod:`.hdf5_chunks`), walks each group once,
+and bounds every shape by what the file stores (:func:`_check_storage`).
 
 libhdf5 loops forever or crashes on some corrupt files, so the metadata is read
-in a worker process with CPU, memory and time limits (:mod:`.hdf5_probe`): a
-file that hangs or crashes it is one FormatError.  Contiguous unfiltered
-datasets stored as little-endian bytes (bfloat16 and float8 bit patterns too)
-get a :class:`Span` and load from a memory map, without libhdf5.  What still
-runs libhdf5 in this process: loading a chunked, compressed or compact dataset
-(or one whose stored type needs a conversion), which opens the file and the
-dataset again with h5py after the worker has read its metadata without harm,
-and writing.
+in a worker process with CPU, memory and time limits (:mod:`.hdf5_probe`).
+Contiguous unfiltered little-endian datasets get a :class:`Span` and load from a
+memory map, without libhdf5.  Chunked datasets are read raw, chunk by chunk, and
+decoded by nnconv, each chunk bounded by its own size (a deflate bomb stops
+there); libhdf5 in this process reads only compact or contiguous values (bounded
+by the file) and writes.
 
 Writing creates every dataset with a contiguous layout allocated at once and
 never filled, records where libhdf5 put it, closes the file, then places each
@@ -41,7 +40,7 @@ import os
 import re
 from pathlib import Path
 
-from . import checkpoint, dtypes, hdf5_layout, hdf5_probe, rawio
+from . import checkpoint, dtypes, hdf5_chunks, hdf5_layout, hdf5_probe, rawio
 from .atomic import atomic_output
 from .checkpoint import ALIASES_KEY, Checkpoint, LazyTensor, Span, from_records, tensor_bytes
 from .errors import FormatError, UnsupportedError, UsageError
@@ -67,8 +66,7 @@ COMPRESSIONS = ("gzip", "lzf")
 MAX_EXPANSION = 1100
 FILL_ALLOWANCE = 1 << 20
 MAX_LINKS = 2 * checkpoint.MAX_TENSORS  # links walked: the datasets plus the groups holding them
-CRAFTED = "the file is corrupt or crafted"
-OUTSIDE = "nnconv reads nothing outside the file"
+CRAFTED, OUTSIDE = hdf5_chunks.CRAFTED, hdf5_chunks.OUTSIDE
 
 
 def sniff(path: Path, head: bytes) -> bool:
@@ -85,8 +83,7 @@ def _describe(path: Path) -> tuple[dict, list]:
             str(path), max_links=MAX_LINKS, max_tensors=checkpoint.MAX_TENSORS
         )
     except hdf5_probe.Refusal as exc:
-        kind = UnsupportedError if exc.kind == "UnsupportedError" else FormatError
-        raise kind(path, exc.problem, value=exc.value, limit=exc.limit, remedy=exc.remedy) from None
+        raise _error(path, exc) from None
     except hdf5_probe.Crash as exc:
         problem = f"{exc.what} reading this file's metadata ({exc.detail})"
         remedy = "check that h5py imports: python -c 'import h5py'" if exc.startup else CRAFTED
@@ -128,6 +125,9 @@ def _check_storage(path: Path, name: str, facts: dict, itemsize: int, file_size:
     if facts["external"] or facts["virtual"]:
         where = "external raw files" if facts["external"] else "a virtual dataset's sources"
         raise FormatError(path, f"dataset {name!r} keeps its values in {where}", remedy=OUTSIDE)
+    refused = hdf5_chunks.pipeline_problem(facts.get("filters", ()))
+    if refused is not None:
+        raise _error(path, refused, f"dataset {name!r} ")
     if facts["shape"] is None:
         raise UnsupportedError(path, f"dataset {name!r} has no shape (an empty dataspace)")
     shape = tuple(facts["shape"])
@@ -175,7 +175,7 @@ class _Source:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.mapped = rawio.MappedFile(path)
-        self.h5 = None
+        self.h5, self.size = None, 0
 
     def tensor(self, spec: dtypes.DType, shape: tuple[int, ...], span: Span):
         try:
@@ -191,14 +191,18 @@ class _Source:
         return lambda: self.load(hpath, name, spec, shape)
 
     def load(self, hpath: str, name: str, spec: dtypes.DType, shape: tuple[int, ...]):
+        """Chunked values decoded by nnconv within each chunk's size, never by libhdf5's
+        filters; links followed by nnconv, never out of the file (:mod:`.hdf5_chunks`)."""
         import h5py
         import numpy as np
         import torch
 
         try:
             if self.h5 is None:
-                self.h5 = h5py.File(self.path, "r")
-            raw = np.asarray(self.h5[hpath][()])
+                self.h5, self.size = hdf5_chunks.open_file(h5py, self.path)
+            raw = hdf5_chunks.read_values(h5py, self.h5.id, hpath, shape, self.size)
+        except hdf5_chunks.Refused as exc:
+            raise _error(self.path, exc, f"dataset {name!r}: ") from None
         except H5_ERRORS as exc:
             raise FormatError(self.path, f"dataset {name!r}: cannot read: {exc}") from None
         if spec.bit_pattern and raw.dtype.kind == "V":  # ml_dtypes arrays land as opaque bytes
@@ -215,10 +219,20 @@ class _Source:
             self.h5 = None
 
 
+def _error(path: Path, exc, prefix: str = ""):
+    """A worker's Refusal or an hdf5_chunks.Refused as nnconv's error about ``path``."""
+    kind = UnsupportedError if exc.kind == "UnsupportedError" else FormatError
+    return kind(path, prefix + exc.problem, value=exc.value, limit=exc.limit, remedy=exc.remedy)
+
+
 def read(path: Path, *, trust_code: bool = False) -> Checkpoint:
     path = Path(path)
-    if path.exists() and not path.is_file():  # libhdf5 would wait on a pipe for ever
-        raise FormatError(path, "not a regular file", remedy="HDF5 files are read by seeking")
+    try:  # stat, never open: libhdf5 would wait on a pipe for ever
+        hdf5_chunks.regular_file(path)
+    except hdf5_chunks.Refused as exc:
+        raise _error(path, exc) from None
+    except FileNotFoundError:
+        pass  # the worker says so
     info, entries = _describe(path)
     try:
         file_size = os.path.getsize(path)

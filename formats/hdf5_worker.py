@@ -7,12 +7,13 @@ string attributes nnconv needs.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
 import sys
 
-from nnconv.formats import proclimits
+from nnconv.formats import hdf5_chunks, proclimits
 
 MEMORY_FILE_CAP = 16 << 30  # the file-size part of a request's memory, counted up to this
 RETIRE = 256 << 20  # a worker that grew this much exits after answering
@@ -20,6 +21,7 @@ BATCH = 256  # links or datasets per step (and per message)
 SORT_PER_S = 200_000  # names sorted per extra CPU second (groups without creation order)
 SEND_PER_S = 64 << 20  # record bytes serialised per extra CPU second
 H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)  # see hdf5_format
+CRAFTED = hdf5_chunks.CRAFTED
 LIBHDF5_MALLOC = re.compile(r"memory allocation failed|H5MM_")  # how libhdf5 says malloc failed
 
 
@@ -30,6 +32,10 @@ class Refusal(Exception):
         super().__init__(problem)
         self.kind, self.problem = kind, problem
         self.value, self.limit, self.remedy = value, limit, remedy
+
+    @classmethod
+    def of(cls, exc: hdf5_chunks.Refused) -> Refusal:
+        return cls(exc.kind, exc.problem, exc.value, exc.limit, exc.remedy)
 
 
 def _natural(name: str) -> list:
@@ -56,6 +62,7 @@ class _Request:
         self.entries: list = []
         self.ticks = 0
         self.fileno = None
+        self.root = None
         self.file_size = 0
         self.ids: dict = {}  # (fileno, address) of each dataset described -> its index
         self.raw_types: dict = {}  # numpy dtype string -> h5py TypeID of those bytes
@@ -92,33 +99,17 @@ class _Request:
         proclimits.renew_cpu(self.budget + len(names) // SORT_PER_S)  # a legitimately large group
         return sorted(names, key=_natural)
 
-    def member(self, gid, key: str, *, listed: bool = False):
+    def member(self, gid, key: str):
         """(object, its key) at ``key`` under ``gid``; (None, None) for a dangling soft link
-        or an absent name (``listed``: a child ``gid`` just listed); links out of the file
-        refused."""
-        h5py = self.h5py
-        node = gid
-        for part in filter(None, key.split("/")):
-            if not isinstance(node, h5py.h5g.GroupID):
-                raise self.refuse(f"cannot open {key!r}: {part!r} would be inside a dataset")
-            name = part.encode()
-            if not listed and not node.links.exists(name):
-                return None, None
-            kind = node.links.get_info(name).type
-            if kind == h5py.h5l.TYPE_EXTERNAL:
-                target = node.links.get_val(name)[0].decode(errors="replace")
-                raise self.refuse(f"{key!r} is an external link to {target!r}", remedy=OUTSIDE)
-            try:
-                node = h5py.h5o.open(node, name)  # follows hard and soft links
-            except KeyError as exc:
-                if kind == h5py.h5l.TYPE_SOFT:  # dangling
-                    return None, None
-                raise self.refuse(f"cannot open {key!r}: {exc}") from None
-        where = self.key(node)
-        if where[0] != self.fileno:  # a soft link through an external link
-            problem = f"{key!r} leads into another file through an external link"
-            raise self.refuse(problem, remedy=OUTSIDE)
-        return node, where
+        or an absent name.  Links are followed by :func:`hdf5_chunks.lookup`: soft links
+        resolved here, external ones refused before libhdf5 could open their targets."""
+        try:
+            node = hdf5_chunks.lookup(self.h5py, self.root, gid, key)
+        except hdf5_chunks.Refused as exc:
+            raise Refusal.of(exc) from None
+        except KeyError as exc:
+            raise self.refuse(f"cannot open {key!r}: {exc}") from None
+        return (None, None) if node is None else (node, self.key(node))
 
     def walk(self, root):
         """(path, dataset, its key) of every dataset, depth first in order, no recursion."""
@@ -135,7 +126,7 @@ class _Request:
             if links > self.max_links:
                 problem = f"holds more than {self.max_links:,} links"
                 raise self.refuse(problem, value=links, limit=self.max_links, remedy=CRAFTED)
-            obj, where = self.member(group, key, listed=True)
+            obj, where = self.member(group, key)
             path = f"{prefix}{key}"
             if isinstance(obj, self.h5py.h5d.DatasetID):
                 yield path, obj, where
@@ -178,26 +169,57 @@ class _Request:
             values = list(values.flat)
         return _text(values[0]) if scalar else [_text(v) for v in values]
 
-    def keras_list(self, gid, key: str) -> list[str] | None:
-        """A Keras list attribute; Keras splits ones over 64 KB into ``key0``, ``key1``..."""
-        exists = self.h5py.h5a.exists
-        whole = self.strings(gid, key, scalar=False)
-        if whole is not None or exists(gid, key.encode()):
-            return whole or []
-        if not exists(gid, f"{key}0".encode()):
+    def names(self, oid, key: str) -> list[str] | None:
+        """A Keras name list attribute: None when absent, [] when it holds no values
+        (Keras writes an empty float array for a layer without weights); any other
+        value that is not an array of strings is refused, never read."""
+        h5py = self.h5py
+        if not h5py.h5a.exists(oid, key.encode()):
             return None
-        out, i = [], 0
-        while exists(gid, f"{key}{i}".encode()):
-            out += self.strings(gid, f"{key}{i}", scalar=False) or []
-            i += 1
+        aid = h5py.h5a.open(oid, key.encode())
+        space = aid.get_space()
+        null = space.get_simple_extent_type() == h5py.h5s.NULL
+        count = 0 if null else space.get_simple_extent_npoints()
+        kind = aid.get_type().get_class()
+        if kind == h5py.h5t.STRING and not null and aid.shape != ():
+            return self.strings(oid, key, scalar=False)
+        if not count:
+            return []
+        what = "a single string" if kind == h5py.h5t.STRING else f"HDF5 {CLASSES.get(kind, kind)}"
+        raise self.refuse(f"Keras attribute {key!r} is not a list of strings ({what})")
+
+    def keras_list(self, gid, key: str) -> list[str] | None:
+        """A Keras list attribute; Keras splits ones over 64 KB into ``key0``, ``key1``...
+        Bounded in count, each name at most once (checked with a set)."""
+        exists = self.h5py.h5a.exists
+        out = self.names(gid, key)
+        if out is None:
+            if not exists(gid, f"{key}0".encode()):
+                return None
+            out, i = [], 0
+            while exists(gid, f"{key}{i}".encode()) and len(out) <= self.max_tensors:
+                out += self.names(gid, f"{key}{i}") or []
+                i += 1
+        if len(out) > self.max_tensors:
+            problem = f"Keras attribute {key!r} lists more than {self.max_tensors:,} names"
+            raise self.refuse(problem, value=len(out), limit=self.max_tensors, remedy=CRAFTED)
+        if len(set(out)) != len(out):  # linear: a set, not list scans
+            twice = next(n for n, c in collections.Counter(out).items() if c > 1)
+            raise self.refuse(f"Keras attribute {key!r} lists {twice!r} twice", remedy=CRAFTED)
         return out
 
     def keras_legacy(self, root, layers: list[str]):
         """(path, name, object) in Keras' order; names are Keras' ``weight_names``."""
+        seen: dict = {}
         for layer in layers:
-            group = self.member(root, layer)[0]
+            self.tick()
+            group, where = self.member(root, layer)
             if not isinstance(group, self.h5py.h5g.GroupID):
                 continue
+            if where in seen:  # its weights again under other names: N x M entries
+                problem = f"Keras layers {seen[where]!r} and {layer!r} are one group"
+                raise self.refuse(problem, remedy=CRAFTED)
+            seen[where] = layer
             prefix = self.h5py.h5i.get_name(group).decode("utf-8", "replace").lstrip("/")
             for weight in self.keras_list(group, "weight_names") or []:
                 obj, where = self.member(group, weight)
@@ -207,13 +229,14 @@ class _Request:
 
     def describe(self, path: str) -> dict:
         h5py = self.h5py
-        try:
-            f = h5py.File(path, "r")
+        try:  # a regular file (stat only: opening a FIFO would block), the one libhdf5 opened
+            f, self.file_size = hdf5_chunks.open_file(h5py, path)
+        except hdf5_chunks.Refused as exc:
+            raise Refusal.of(exc) from None
         except OSError as exc:
             raise self.refuse(f"not a readable HDF5 file: {exc}") from None
         with f:
-            self.file_size = os.path.getsize(path)
-            root = h5py.h5g.open(f.id, b"/")
+            root = self.root = h5py.h5g.open(f.id, b"/")
             self.fileno = self.key(root)[0]
             records = {}
             for key in f.attrs:
@@ -304,6 +327,7 @@ class _Request:
                 out["external"] = dcpl.get_external_count() > 0
                 out["virtual"] = layout == h5py.h5d.VIRTUAL
                 out["contiguous"] = layout == h5py.h5d.CONTIGUOUS and not dcpl.get_nfilters()
+                out["filters"] = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
         except H5_ERRORS as exc:
             out["storage_error"] = str(exc)
         return out
@@ -327,8 +351,7 @@ class _Request:
             return False
 
 
-CRAFTED = "the file is corrupt or crafted"
-OUTSIDE = "nnconv reads nothing outside the file"
+CLASSES = {0: "integer", 1: "float", 3: "string", 5: "opaque", 6: "compound", 8: "enum"}
 
 
 def worker_main() -> int:
@@ -339,6 +362,8 @@ def worker_main() -> int:
     import warnings
 
     import h5py  # noqa: F401  (imported once, before the memory bound is set)
+
+    hdf5_chunks.forbid_external_links()  # libhdf5 itself cannot follow one here
 
     warnings.simplefilter("ignore")
 

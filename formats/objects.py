@@ -33,6 +33,12 @@ class Describer:
     ``tensor_leaf(value, path)`` recognises a tensor (a torch.Tensor, or a
     reference to bytes in a torch zip archive) and returns its leaf node by
     calling :meth:`add`; it returns None for anything else.
+
+    Walking stays linear in the object graph: a container reached again (pickle memo
+    references share it) is walked again only within :data:`checkpoint.MAX_SHARED_NODES`
+    nodes in all, and one inside itself is refused.  A tensor ``key`` starts with
+    (storage identity, bytes stored for that storage): the tensors' total size is
+    bounded by :func:`checkpoint.check_expansion` against their storages' total.
     """
 
     def __init__(self, subject: str | None, tensor_leaf: Callable[[Any, str], dict | None]):
@@ -41,6 +47,12 @@ class Describer:
         self.aliases: dict[str, str] = {}
         self._seen: dict[Any, str] = {}
         self._tensor_leaf = tensor_leaf
+        self._walked: set[int] = set()  # ids of containers walked (alive: obj holds them)
+        self._open: set[int] = set()  # ids of the containers being walked
+        self._again = 0  # > 0 while walking a container a second time
+        self._repeated = 0  # nodes walked again, against MAX_SHARED_NODES
+        self.nbytes = 0  # canonical tensors' bytes
+        self._held: dict[Any, int] = {}  # storage identity -> bytes stored
 
     def add(self, path: str, lazy: LazyTensor, key: Any = None) -> dict:
         """Name a tensor after its path; one already seen under ``key`` becomes an alias."""
@@ -58,14 +70,61 @@ class Describer:
         else:
             if key is not None:
                 self._seen[key] = name
+                self._held[key[0]] = key[1]
+                self.nbytes += lazy.nbytes
             self.tensors[name] = lazy
         return {"t": name}
 
     def checkpoint(self, obj: Any) -> Checkpoint:
         structure = self._walk(obj, "", 0)
+        if self.subject is not None and self.nbytes > checkpoint.VIEW_SLACK:  # from a file
+            held = sum(self._held.values())
+            checkpoint.check_expansion(self.subject, "the checkpoint", self.nbytes, held)
         return Checkpoint(tensors=self.tensors, structure=structure, aliases=self.aliases)
 
+    def _enter(self, value: Any, path: str) -> bool:
+        """Note a container about to be walked; True when it was walked before."""
+        ident = id(value)
+        if ident in self._open:
+            raise UnsupportedError(
+                self.subject,
+                f"{path or 'the object'}: a container holds itself (containers nested more "
+                f"than {checkpoint.MAX_DEPTH} deep)",
+                value=checkpoint.MAX_DEPTH + 1,
+                limit=checkpoint.MAX_DEPTH,
+                remedy="the file is corrupt or crafted",
+            )
+        self._open.add(ident)
+        again = ident in self._walked
+        self._walked.add(ident)
+        if again or self._again:
+            self._repeated += len(value) + 1
+            if self._repeated > checkpoint.MAX_SHARED_NODES:
+                raise UnsupportedError(
+                    self.subject,
+                    f"{path or 'the object'}: container shared (referenced more than once) "
+                    f"so often that walking it visits over {checkpoint.MAX_SHARED_NODES:,} "
+                    "nodes again",
+                    value=self._repeated,
+                    limit=checkpoint.MAX_SHARED_NODES,
+                    remedy="torch.save of a state_dict shares no containers: the file is "
+                    "corrupt or crafted",
+                )
+        self._again += again
+        return again
+
     def _walk(self, value: Any, path: str, depth: int) -> Any:
+        kind = type(value)
+        if kind in (dict, OrderedDict, list, tuple):
+            again = self._enter(value, path)
+            try:
+                return self._node(value, path, depth)
+            finally:
+                self._open.discard(id(value))
+                self._again -= again
+        return self._node(value, path, depth)
+
+    def _node(self, value: Any, path: str, depth: int) -> Any:
         leaf = self._tensor_leaf(value, path)
         if leaf is not None:
             return leaf
@@ -116,7 +175,10 @@ def tensor_flags(leaf: dict, *, parameter: bool, requires_grad: bool) -> dict:
 
 
 def from_object(obj: Any, *, subject: str | None = None) -> Checkpoint:
-    """Describe a ``torch.save``-able object (tensor, list, dict, state_dict...)."""
+    """Describe a ``torch.save``-able object (tensor, list, dict, state_dict...).
+
+    With a ``subject`` (the object came from that file), a view larger than
+    :func:`checkpoint.check_expansion` allows over its storage is refused."""
     import torch
 
     def tensor_leaf(t: Any, path: str) -> dict | None:
@@ -138,9 +200,12 @@ def from_object(obj: Any, *, subject: str | None = None) -> Checkpoint:
         key = None
         if t.numel() and t.device.type == "cpu":
             storage = t.untyped_storage()
+            held, nbytes = storage.nbytes(), t.numel() * t.element_size()
+            if subject is not None and nbytes > checkpoint.VIEW_SLACK:  # from a file
+                checkpoint.check_expansion(subject, f"tensor {path!r}", nbytes, held)
             # Strides of size-1 dimensions do not matter (and view() resets them).
             stride = tuple(0 if n == 1 else st for n, st in zip(t.shape, t.stride(), strict=True))
-            key = (storage.data_ptr(), t.storage_offset(), tuple(t.shape), stride, t.dtype)
+            key = (storage.data_ptr(), held, t.storage_offset(), tuple(t.shape), stride, t.dtype)
         lazy = LazyTensor(dtype, tuple(t.shape), lambda t=t: t.cpu())
         leaf = describer.add(path, lazy, key)
         return tensor_flags(leaf, parameter=parameter, requires_grad=requires_grad)

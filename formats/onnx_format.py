@@ -13,10 +13,9 @@ Writing needs a graph, so it is the exporter's job, not this adapter's.
 from __future__ import annotations
 
 import os
-import re
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
-from . import dtypes
+from . import dtypes, paths
 from .checkpoint import RESERVED_KEYS, Checkpoint, LazyTensor, Span, from_records
 from .errors import FormatError, UnsupportedError, UsageError
 from .options import DEFAULT_OPTIONS, WriteOptions
@@ -278,51 +277,26 @@ def _from_typed(values, field: str, dtype: str, shape: tuple[int, ...]):
     return out.reshape(shape)
 
 
-def _unsafe_location(location: str) -> str | None:
-    """Why a stored location may not be used, or None."""
-    if "\0" in location:
-        return "contains a NUL character"
-    for pure in (PurePosixPath(location), PureWindowsPath(location)):
-        if pure.is_absolute() or pure.drive or pure.root:
-            return "is an absolute path"
-    if ".." in re.split(r"[\\/]", location):
-        return "contains a '..' component"
-    return None
-
-
 def _locate(subject, name: str, folder: Path | None, entries: dict, nbytes: int):
-    """(real path, offset, file identity) of an external tensor, every field checked."""
+    """(real path, offset, file identity) of an external tensor, every field checked;
+    the location by the containment rule every reader shares (:func:`paths.contained`)."""
     location = entries.get("location", "")
+    what = f"initializer {name!r}: external data location"
+    remedy = "external data must be a file inside the model's folder"
 
     def refuse(problem: str) -> FormatError:
-        return FormatError(
-            subject,
-            f"initializer {name!r}: external data location {location!r} {problem}",
-            remedy="external data must be a file inside the model's folder",
-        )
+        return FormatError(subject, f"{what} {location!r} {problem}", remedy=remedy)
 
     if not location:
         raise FormatError(subject, f"initializer {name!r}: external data has no location")
-    why = _unsafe_location(location)
-    if why:
-        raise refuse(why)
     if folder is None:
         raise refuse("cannot be resolved: the model was not read from a file")
-    try:
-        root = Path(folder).resolve(strict=True)
-        target = (root / location).resolve(strict=True)
-    except (OSError, RuntimeError, ValueError):
-        raise refuse("does not exist") from None
-    if not target.is_relative_to(root):
-        raise refuse(f"resolves to {str(target)!r}, outside the model's folder")
-    if not target.is_file():
-        raise refuse("is not a regular file")
+    target, stat = paths.contained(folder, location, subject=subject, what=what, remedy=remedy)
     try:
         offset = int(entries.get("offset", "0"))
         length = int(entries.get("length", str(nbytes)))
     except ValueError:
         raise refuse("has a non-integer offset or length") from None
-    stat = target.stat()
     size = stat.st_size
     if offset < 0 or length != nbytes or offset + length > size:
         problem = (

@@ -21,7 +21,15 @@ from pathlib import Path
 
 from . import dtypes, pickle_gate, rawio, torchpickle, torchzip
 from .atomic import atomic_output
-from .checkpoint import Checkpoint, LazyTensor, Span, paused_gc
+from .checkpoint import (
+    INT64_MAX,
+    VIEW_SLACK,
+    Checkpoint,
+    LazyTensor,
+    Span,
+    check_expansion,
+    paused_gc,
+)
 from .errors import FormatError, NnconvError, UnsupportedError, UsageError
 from .objects import Describer, from_object, tensor_flags
 from .options import DEFAULT_OPTIONS, WriteOptions
@@ -118,50 +126,72 @@ def globals_in(path: Path) -> list[str]:
             except (ValueError, EOFError) as exc:  # what pickletools raises on corrupt data
                 raise FormatError(path, f"corrupt legacy torch file: {exc}") from None
             return found
+    # The members as nnconv's unpickler and torch see them (torchzip: one index parser).
+    members = torchzip.members(path)
+    names = list(members)
+    if _is_torchscript(names):  # data.pkl's globals, read as torchscript.read does
+        from . import torchscript
+
+        return torchscript.globals_in(path)
+    pickles = [n for n in names if n.endswith("data.pkl")]
+    if len(pickles) != 1:
+        raise FormatError(path, f"zip archive holds {len(pickles)} data.pkl records")
+    _check_records(path, members)
+    return pickle_gate.scan_bytes(str(path), _member_bytes(path, members, pickles[0]))
+
+
+def _member_bytes(path: Path, members: dict[str, torchzip.Record], name: str) -> bytes:
+    """One member's bytes, inflated when deflated (sizes bounded by _check_records), once
+    every local header is checked against the central directory."""
+    record = members[name]
     try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            if _is_torchscript(names):
-                raise UnsupportedError(
-                    path,
-                    "this is a TorchScript archive (torch.jit.save): its weights come from "
-                    "the module it holds",
-                    remedy="convert it with nnconv convert, which loads it with torch.jit.load",
-                )
-            pickles = [n for n in names if n.endswith("data.pkl")]
-            if len(pickles) != 1:
-                raise FormatError(path, f"zip archive holds {len(pickles)} data.pkl records")
-            _check_records(path, zf)
-            return pickle_gate.scan_bytes(str(path), zf.read(pickles[0]))
-    except ZIP_ERRORS as exc:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as heads:
+            torchzip.check_local_names(str(path), heads, members)
+            start = torchzip.data_offset(str(path), heads, members[name])
+            raw = heads[start : start + record.csize]
+        data = raw if record.stored else zlib.decompressobj(-15).decompress(raw, record.size)
+    except (OSError, ValueError, zlib.error) as exc:
         raise FormatError(path, f"corrupt or truncated torch zip archive: {exc}") from None
+    if len(data) != record.size:
+        raise FormatError(path, f"record {record.name!r} holds fewer bytes than it claims")
+    return data
 
 
-def _check_records(path: Path, zf: zipfile.ZipFile) -> None:
-    """Every record must fit in the file: zipfile and torch allocate a record's declared
-    size before reading it, so a corrupt size field would allocate gigabytes."""
+def _check_records(path: Path, members: dict[str, torchzip.Record]) -> None:
+    """Every record must fit in the file: torch allocates a record's declared size before
+    reading it, so a corrupt size field would allocate gigabytes.  Storage records must
+    be stored: torch.load(mmap=True) maps their bytes as they lie, deflated or not."""
     size = os.path.getsize(path)
-    for info in zf.infolist():
-        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+    for record in members.values():
+        if record.method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise FormatError(
                 path,
-                f"record {info.filename!r} uses zip compression method {info.compress_type}, "
+                f"record {record.name!r} uses zip compression method {record.method}, "
                 "which torch cannot read",
             )
-        expands = 1 if info.compress_type == zipfile.ZIP_STORED else DEFLATE_MAX_RATIO
-        if info.header_offset + info.compress_size > size or (
-            info.file_size > expands * info.compress_size
-        ):
+        expands = 1 if record.method == zipfile.ZIP_STORED else DEFLATE_MAX_RATIO
+        if record.header + record.csize > size or record.size > expands * record.csize:
             raise FormatError(
                 path,
-                f"record {info.filename!r} claims {info.file_size} bytes stored in "
-                f"{info.compress_size} at offset {info.header_offset} of a {size}-byte file",
+                f"record {record.name!r} claims {record.size} bytes stored in "
+                f"{record.csize} at offset {record.header} of a {size}-byte file",
                 remedy="the file is truncated or corrupt",
+            )
+        if not record.stored and "/data/" in record.name:
+            raise FormatError(
+                path,
+                f"storage record {record.name!r} is compressed: torch.load (memory-mapped) "
+                "would read its compressed bytes as the tensor's values",
+                remedy="re-save it with torch.save",
             )
 
 
 def read(path: Path, *, trust_code: bool = False) -> Checkpoint:
     path = Path(path)
+    if is_torchscript(path):  # never torch.jit.load, which runs the archive's code
+        from . import torchscript
+
+        return torchscript.read(path, trust_code=trust_code)
     plain = read_plain(path)  # its unpickler resolves only tensor rebuilds: a gate itself
     if plain is not None:
         return plain
@@ -220,7 +250,7 @@ def read_plain(path: Path) -> Checkpoint | None:
         try:
             if order is not None and member(order) != b"little":
                 return None
-            obj = torchpickle.load(member(members[pickles[0]]))
+            obj = torchpickle.load(member(members[pickles[0]]), path_str)
         except torchpickle.NotPlain:
             return None
         mapping = rawio.MappedFile(path)
@@ -264,17 +294,23 @@ def _lazy(path: str, heads: mmap.mmap, record, ref, mapping) -> tuple[LazyTensor
     shape, stride = ref.shape, ref.stride
     numel, last, step, contiguous = 1, ref.offset, 1, True
     for n, s in zip(reversed(shape), reversed(stride), strict=True):
-        if type(n) is not int or type(s) is not int or n < 0 or s < 0:
+        if type(n) is not int or type(s) is not int or not 0 <= n <= INT64_MAX >= s >= 0:
             raise FormatError(path, f"tensor size {shape} or stride {stride} is not valid")
         numel *= n
         last += (n - 1) * s
         contiguous = contiguous and (n == 1 or s == step)
         step *= n
+    nbytes = numel * itemsize
     if numel and (last + 1) * itemsize > size:
         raise FormatError(path, f"a tensor of shape {list(shape)} reaches past its storage")
+    if not numel and dtypes.numel(tuple(n or 1 for n in shape)) * itemsize > INT64_MAX:
+        raise FormatError(path, f"tensor size {shape} overflows 64-bit byte sizes")
+    if not contiguous and nbytes > VIEW_SLACK:  # stride-0 (expand) or overlapping views
+        what = f"a tensor of shape {list(shape)} on storage {ref.storage.key!r}"
+        check_expansion(path, what, nbytes, size)
     start = torchzip.data_offset(path, heads, record)
     if contiguous:
-        begin, nbytes = start + ref.offset * itemsize, numel * itemsize
+        begin = start + ref.offset * itemsize
         load = partial(mapping.tensor, ref.dtype, shape, begin, nbytes)
         lazy = LazyTensor(ref.dtype, shape, load, span=Span(path, begin, nbytes))
     else:
@@ -282,7 +318,7 @@ def _lazy(path: str, heads: mmap.mmap, record, ref, mapping) -> tuple[LazyTensor
         lazy = LazyTensor(ref.dtype, shape, load)
     if 1 in shape:  # strides of size-1 dimensions do not matter (view() resets them)
         stride = tuple(0 if n == 1 else s for n, s in zip(shape, stride, strict=True))
-    return lazy, (ref.storage.key, ref.offset, shape, stride, ref.dtype)
+    return lazy, (ref.storage.key, size, ref.offset, shape, stride, ref.dtype)
 
 
 @paused_gc()

@@ -10,10 +10,11 @@ Every adapter module exposes the same names: ``NAME``, ``EXTENSIONS``,
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from types import ModuleType
 
-from . import hdf5_format, onnx_format, pt_format, safetensors_format
+from . import hdf5_format, onnx_format, paths, pt_format, safetensors_format
 from .errors import FormatError, UsageError
 
 ADAPTERS: dict[str, ModuleType] = {
@@ -34,11 +35,14 @@ def get(name: str) -> ModuleType:
 
 
 def read_head(path: Path) -> bytes:
-    """The first bytes of a file, with missing/unreadable files as FormatError."""
+    """The first bytes of a file (``b""`` for a folder), with missing/unreadable files
+    as FormatError.  Stat'ed first: a FIFO, a device or a socket is refused, never
+    opened (opening a FIFO blocks; ``/dev/zero`` never ends)."""
+    st = paths.check_input(path)
+    if stat.S_ISDIR(st.st_mode):
+        return b""
     try:
-        if path.is_dir():
-            return b""
-        with open(path, "rb") as fh:
+        with os.fdopen(paths.open_regular(path, st), "rb") as fh:
             return fh.read(HEAD_BYTES)
     except FileNotFoundError:
         raise FormatError(path, "no such file") from None
@@ -54,9 +58,7 @@ def detect(path: str | os.PathLike[str], *, format: str | None = None) -> Module
     """
     path = Path(path)
     forced = get(format) if format else None
-    if not path.exists():
-        raise FormatError(path, "no such file or folder")
-    head = read_head(path)
+    head = read_head(path)  # checks the path is a regular file or a folder first
     if head.startswith(LFS_POINTER):
         raise FormatError(
             path, "this is a Git LFS pointer, not the model", remedy="run git lfs pull"

@@ -10,14 +10,17 @@ once and the alias is recorded in ``__metadata__``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
-from . import dtypes, rawio, sharding
-from .atomic import atomic_output
-from .checkpoint import Checkpoint, LazyTensor, Span, from_records, paused_gc
+from . import dtypes, paths, rawio, sharding
+from .atomic import atomic_files, atomic_output, is_sharded_output
+from .checkpoint import INT64_MAX, Checkpoint, LazyTensor, Span, from_records, paused_gc
 from .errors import FormatError, UnsupportedError
 from .options import DEFAULT_OPTIONS, WriteOptions
 
@@ -42,21 +45,31 @@ def sniff(path: Path, head: bytes) -> bool:
     return 2 <= length <= MAX_HEADER
 
 
-def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
-    """(entries in header order, __metadata__, data start) with every field checked."""
+def read_header(
+    path: Path, *, expect: os.stat_result | None = None
+) -> tuple[dict, dict[str, str], int]:
+    """(entries in header order, __metadata__, data start) with every field checked.
+
+    Only a regular file is opened (``expect``: the very file a containment check
+    stat'ed), and no error quotes the file's bytes: a shard may be any file.
+    """
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fh:
+        with os.fdopen(paths.open_regular(path, expect), "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
             prefix = fh.read(8)
             if len(prefix) < 8:
                 raise FormatError(path, f"truncated: {size} bytes, no safetensors header")
             (length,) = struct.unpack("<Q", prefix)
             if length > MAX_HEADER or length > size - 8:
+                # The 8 bytes are not quoted, not even as a number: they may be a secret.
                 raise FormatError(
                     path,
-                    f"header length {length} exceeds "
-                    + ("the 100 MB limit" if length > MAX_HEADER else f"the file size {size}"),
-                    value=length,
+                    "not a safetensors file: header length field "
+                    + (
+                        "exceeds the 100 MB limit"
+                        if length > MAX_HEADER
+                        else f"is larger than the {size}-byte file"
+                    ),
                     limit=min(MAX_HEADER, size - 8),
                     remedy="the file is truncated or not safetensors",
                 )
@@ -65,8 +78,10 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
         raise FormatError(path, f"cannot read: {exc.strerror or exc}") from None
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise FormatError(path, f"header is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise FormatError(path, f"header is not UTF-8 (at byte {8 + exc.start})") from None
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(path, f"header is not valid JSON: {_json_problem(exc)}") from None
     if not isinstance(header, dict):
         raise FormatError(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -77,6 +92,16 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
     start = 8 + length
     _check_entries(path, header, size - start)
     return header, metadata, start
+
+
+def _json_problem(exc: Exception) -> str:
+    """A JSON error without the document's text (json's messages give a position only;
+    anything else is named by its type)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at character {exc.pos}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc) if str(exc) == "duplicate key in header" else type(exc).__name__
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
@@ -108,7 +133,17 @@ def _check_entries(path: Path, header: dict, data_size: int) -> None:
                 f"{data_size}-byte data section",
                 remedy="the file is truncated or corrupt",
             )
-        expected = dtypes.numel(tuple(shape)) * dtypes.BY_SAFETENSORS[code].itemsize
+        itemsize = dtypes.BY_SAFETENSORS[code].itemsize
+        expected = dtypes.numel(tuple(shape)) * itemsize
+        # An empty tensor stores nothing, yet torch cannot make one whose dimensions
+        # or size (zeros aside) overflow int64; a non-empty one is bounded by the file.
+        if not expected and dtypes.numel(tuple(d or 1 for d in shape)) * itemsize > INT64_MAX:
+            raise FormatError(
+                path,
+                f"tensor {name!r}: shape {shape} overflows 64-bit sizes",
+                limit=INT64_MAX,
+                remedy="the file is corrupt or crafted",
+            )
         if offsets[1] - offsets[0] != expected:
             raise FormatError(
                 path,
@@ -126,11 +161,29 @@ def _check_entries(path: Path, header: dict, data_size: int) -> None:
         raise FormatError(path, f"data section has {data_size - end} bytes no tensor covers")
 
 
-def _read_file(path: Path, ckpt: Checkpoint, weight_map: dict | None = None) -> dict[str, str]:
-    header, metadata, start = read_header(path)
-    mapping = rawio.MappedFile(path)  # tensors alive keep it open; it closes with the last
+def _read_file(
+    path: Path,
+    ckpt: Checkpoint,
+    weight_map: dict | None = None,
+    *,
+    shard: str | None = None,
+    target: Path | None = None,
+    expect: os.stat_result | None = None,
+) -> dict[str, str]:
+    """Add one file's tensors to ``ckpt``.  ``path`` names it in messages, ``shard`` in
+    the index; ``target`` is the checked real file read (default: ``path``)."""
+    target = target or path
+    try:
+        header, metadata, start = read_header(target, expect=expect)
+    except FormatError as exc:
+        if target == path:
+            raise
+        raise FormatError(
+            path, exc.problem, value=exc.value, limit=exc.limit, remedy=exc.remedy
+        ) from None
+    mapping = rawio.MappedFile(target)  # tensors alive keep it open; it closes with the last
     for name, entry in header.items():
-        if weight_map is not None and weight_map.get(name) != path.name:
+        if weight_map is not None and weight_map.get(name) != (shard or path.name):
             where = weight_map.get(name)
             problem = f"the index puts it in {where!r}" if where else "the index does not list it"
             raise FormatError(path, f"tensor {name!r} is in this shard but {problem}")
@@ -143,16 +196,27 @@ def _read_file(path: Path, ckpt: Checkpoint, weight_map: dict | None = None) -> 
             dtype,
             shape,
             lambda d=dtype, s=shape, o=start + begin, n=end - begin: mapping.tensor(d, s, o, n),
-            span=Span(str(path), start + begin, end - begin),
+            span=Span(str(target), start + begin, end - begin),
         )
     return metadata
 
 
-def _read_index(path: Path) -> tuple[Path, dict]:
+def _read_index(path: Path, expect: os.stat_result | None = None) -> tuple[Path, dict]:
     try:
-        index = json.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise FormatError(path, f"unreadable shard index: {exc}") from None
+        with os.fdopen(paths.open_regular(path, expect), "rb") as fh:
+            raw = fh.read(sharding.MAX_INDEX_BYTES + 1)
+    except OSError as exc:
+        raise FormatError(path, f"cannot read: {exc.strerror or exc}") from None
+    if len(raw) > sharding.MAX_INDEX_BYTES:
+        raise FormatError(
+            path, "shard index is larger than the 100 MB limit", limit=sharding.MAX_INDEX_BYTES
+        )
+    try:
+        index = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise FormatError(path, f"shard index is not UTF-8 (at byte {exc.start})") from None
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(path, f"unreadable shard index: {_json_problem(exc)}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise FormatError(path, "shard index has no weight_map object")
@@ -165,39 +229,40 @@ def _read_index(path: Path) -> tuple[Path, dict]:
     return path.parent, index
 
 
-def _is_file(path: Path) -> bool:
-    """``path.is_file()``, False for names no file can have (too long, NUL bytes)."""
-    try:
-        return path.is_file()
-    except (OSError, ValueError):
-        return False
+def _member(folder: Path, name: str, subject: Path, what: str) -> tuple[Path, os.stat_result]:
+    """A file the folder's index names (or its index): checked by the one containment rule."""
+    remedy = "a sharded model's files must be regular files in its folder"
+    return paths.contained(folder, name, subject=subject, what=what, remedy=remedy)
 
 
 @paused_gc()
 def read(path: Path, *, trust_code: bool = False) -> Checkpoint:
     path = Path(path)
     ckpt = Checkpoint(tensors={}, structure=None, format=NAME, source=str(path))
-    index_path = path / sharding.INDEX_NAME if path.is_dir() else path
-    if path.is_dir() and not index_path.is_file():
-        singles = sorted(path.glob("*.safetensors"))
-        if len(singles) != 1:
-            raise FormatError(
-                path, f"folder has no {sharding.INDEX_NAME} and {len(singles)} .safetensors files"
-            )
-        index_path = singles[0]
+    named = paths.check_input(path)  # a FIFO or a device is never opened
+    index_path, target, checked = path, path, named
+    if stat.S_ISDIR(named.st_mode):
+        entry = sharding.INDEX_NAME
+        if not os.path.lexists(path / entry):
+            singles = sorted(p.name for p in path.glob("*.safetensors"))
+            if len(singles) != 1:
+                problem = f"has no {sharding.INDEX_NAME} and {len(singles)} .safetensors files"
+                raise FormatError(path, f"folder {problem}")
+            entry = singles[0]
+        index_path = path / entry
+        target, checked = _member(path, entry, path, "index" if entry.endswith("json") else "file")
     if index_path.name.endswith(".index.json"):
-        folder, index = _read_index(index_path)
+        _, index = _read_index(target, checked)
+        folder = index_path.parent  # the folder the user's path names, symlinks not followed
         records = {k: v for k, v in (index.get("metadata") or {}).items() if isinstance(v, str)}
         by_shard: dict[str, set[str]] = {}
         for name, shard in index["weight_map"].items():
             by_shard.setdefault(shard, set()).add(name)
         for shard, names in by_shard.items():
-            shard_path = folder / shard
-            if Path(shard).name != shard or not _is_file(shard_path):
-                raise FormatError(
-                    index_path, f"shard {shard!r} (holding e.g. {sorted(names)[0]!r}) is missing"
-                )
-            _read_file(shard_path, ckpt, index["weight_map"])
+            real, st = _member(folder, shard, index_path, "shard")
+            _read_file(
+                folder / shard, ckpt, index["weight_map"], shard=shard, target=real, expect=st
+            )
             absent = sorted(names - set(ckpt.tensors))
             if absent:
                 raise FormatError(
@@ -207,7 +272,7 @@ def read(path: Path, *, trust_code: bool = False) -> Checkpoint:
         # Keep the index's order, which is the order the names were written in.
         ckpt.tensors = {n: ckpt.tensors[n] for n in index["weight_map"]}
     else:
-        records = _read_file(index_path, ckpt)
+        records = _read_file(index_path, ckpt, target=target, expect=checked)
     if records.get("format") == "pt":
         records = {k: v for k, v in records.items() if k != "format"}  # HF's marker, not data
     ckpt.structure, ckpt.aliases, ckpt.metadata = from_records(
@@ -272,7 +337,8 @@ def write(ckpt: Checkpoint, path: Path, *, options: WriteOptions = DEFAULT_OPTIO
                 remedy="convert to pt or hdf5, or cast with --dtype",
             )
     records = {"format": "pt", **ckpt.records()}
-    if not options.shard_size:
+    shard_size = sharding.shard_size_for(path, options.shard_size)
+    if not shard_size:
         with (
             atomic_output(path, force=options.force, fsync=options.fsync) as tmp,
             rawio.SpanReader() as reader,
@@ -280,22 +346,35 @@ def write(ckpt: Checkpoint, path: Path, *, options: WriteOptions = DEFAULT_OPTIO
             _write_file(tmp, ckpt, list(ckpt.tensors), records, reader, options.progress, 0)
         return
     sizes = [(n, t.nbytes) for n, t in ckpt.tensors.items()]
-    shards = sharding.plan(sizes, options.shard_size)
+    shards = sharding.plan(sizes, shard_size)
     index = sharding.build_index(shards, ckpt.nbytes, ckpt.records())
     shard_meta = {"format": "pt"}  # nnconv's records live in the index
+    names = [sharding.shard_name(i, len(shards)) for i in range(len(shards))]
     with (
-        atomic_output(path, force=options.force, directory=True, fsync=options.fsync) as tmp,
+        _shard_outputs(path, [*names, sharding.INDEX_NAME], options) as files,
         rawio.SpanReader() as reader,
     ):
         done = 0
-        for i, names in enumerate(shards):
-            done = _write_file(
-                tmp / sharding.shard_name(i, len(shards)),
-                ckpt,
-                names,
-                shard_meta,
-                reader,
-                options.progress,
-                done,
-            )
-        (tmp / sharding.INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False))
+        for name, group in zip(names, shards, strict=True):
+            done = _write_file(files[name], ckpt, group, shard_meta, reader, options.progress, done)
+        files[sharding.INDEX_NAME].write_text(json.dumps(index, indent=2, ensure_ascii=False))
+
+
+@contextlib.contextmanager
+def _shard_outputs(path: Path, names: list[str], options: WriteOptions) -> Iterator[dict]:
+    """Where each shard and the index (last) are written.  A new folder, or an earlier
+    sharded output replaced with --force, is written whole and swapped in; an existing
+    folder holding anything else is written into (as save_pretrained does), replacing
+    only an earlier output's shards and index, never the user's other files."""
+    if path.is_dir() and (path.is_symlink() or not is_sharded_output(path)):
+        with atomic_files(
+            path,
+            names,
+            replaces=sharding.is_output_name,
+            force=options.force,
+            fsync=options.fsync,
+        ) as files:
+            yield files
+    else:
+        with atomic_output(path, force=options.force, directory=True, fsync=options.fsync) as tmp:
+            yield {name: tmp / name for name in names}

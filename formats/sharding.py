@@ -7,11 +7,16 @@ Shards follow transformers' naming (``model-00001-of-00003.safetensors`` plus
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 from .errors import UsageError
 
 INDEX_NAME = "model.safetensors.index.json"
+SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+MAX_INDEX_BYTES = 100_000_000  # an index this large is not an index (as the header limit)
+DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default (5GB)
 _UNITS = {
     "": 1,
     "B": 1,
@@ -62,6 +67,7 @@ def plan(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
 
 
 def shard_name(index: int, count: int) -> str:
+    """The file name of shard ``index`` (0-based) of ``count``, as transformers names it."""
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
@@ -71,3 +77,20 @@ def build_index(shards: list[list[str]], total_size: int, metadata: dict[str, st
         name: shard_name(i, len(shards)) for i, names in enumerate(shards) for name in names
     }
     return {"metadata": {"total_size": total_size, **metadata}, "weight_map": weight_map}
+
+
+def is_output_name(name: str) -> bool:
+    """A name a sharded write owns in its folder (the index, ``model-NNNNN-of-NNNNN``):
+    the only names it may replace there."""
+    return name == INDEX_NAME or SHARD_PATTERN.fullmatch(name) is not None
+
+
+def shard_size_for(path: str | os.PathLike[str], shard_size: int | None) -> int | None:
+    """The shard size a safetensors write to ``path`` uses: the one asked for, else the
+    default when ``path`` is a folder already holding an index (a Hugging Face-style
+    folder is written as shards, as ``save_pretrained`` does), else None (one file)."""
+    if shard_size:
+        return shard_size
+    if Path(path).is_dir() and os.path.lexists(Path(path) / INDEX_NAME):
+        return DEFAULT_SHARD_SIZE
+    return None

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import pickletools
+import re
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
@@ -22,13 +24,25 @@ from typing import Any
 
 from . import dtypes
 from .checkpoint import SCALARS
+from .errors import FormatError
 
 
 class NotPlain(Exception):
     """The pickle needs torch.load: it uses a global or layout this reader does not model."""
 
 
-class StorageRef:
+class _Sealed:
+    """Fields set once, by the constructor: a pickle's BUILD opcode would otherwise set
+    slots directly (``setattr``), bypassing the checks (a negative offset, a storage
+    that is an int...)."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise NotPlain(f"BUILD on a {type(self).__name__}")
+
+
+class StorageRef(_Sealed):
     """A storage record's key, its dtype (None: untyped bytes) and its element count."""
 
     __slots__ = ("key", "dtype", "numel")
@@ -37,7 +51,7 @@ class StorageRef:
         self.key, self.dtype, self.numel = key, dtype, numel
 
 
-class TensorRef:
+class TensorRef(_Sealed):
     """A tensor as ``torch.save`` pickles it: a view (offset, shape, stride) of a storage.
 
     Plain classes, not dataclasses: a checkpoint may hold 10^5 of them."""
@@ -49,14 +63,14 @@ class TensorRef:
         self.requires_grad, self.dtype = requires_grad, dtype
 
 
-class ParameterRef:
+class ParameterRef(_Sealed):
     __slots__ = ("tensor", "requires_grad")
 
     def __init__(self, tensor: TensorRef, requires_grad: bool) -> None:
         self.tensor, self.requires_grad = tensor, requires_grad
 
 
-class _Named:  # a storage class (its dtype, or None for UntypedStorage) or a torch dtype
+class _Named(_Sealed):  # a storage class (its dtype, or None for UntypedStorage) or a torch dtype
     __slots__ = ("dtype",)
 
     def __init__(self, dtype: str | None) -> None:
@@ -64,10 +78,17 @@ class _Named:  # a storage class (its dtype, or None for UntypedStorage) or a to
 
 
 def _tensor(storage, offset, size, stride, requires_grad, hooks, dtype) -> TensorRef:
-    if hooks or type(offset) is not int or offset < 0 or len(size) != len(stride):
+    if (
+        hooks
+        or type(offset) is not int
+        or offset < 0
+        or type(size) is not tuple
+        or type(stride) is not tuple
+        or len(size) != len(stride)
+    ):
         raise NotPlain("tensor with hooks, or an unusual offset, size or stride")
     # Sizes and strides are checked against the storage record in pt_format.
-    return TensorRef(storage, offset, tuple(size), tuple(stride), bool(requires_grad), dtype)
+    return TensorRef(storage, offset, size, stride, bool(requires_grad), dtype)
 
 
 def _rebuild_v2(storage, offset, size, stride, requires_grad, hooks, metadata=None):
@@ -122,8 +143,76 @@ class _Unpickler(pickle.Unpickler):
         return StorageRef(key, storage_type.dtype, numel)
 
 
-def load(data: bytes) -> Any:
-    """The archive's object with tensors as :class:`TensorRef`/:class:`ParameterRef`."""
+class Oversized(ValueError):
+    """An opcode claims more than the pickle holds (see :func:`check_sizes`)."""
+
+
+def _opcodes() -> tuple[list[int], Callable]:
+    """Each opcode's argument size (-1: up to a newline, <= -2: counted, -6/-7: memo puts,
+    -9: STOP or unknown), and a regex matching a run of opcodes with fixed-size arguments
+    (LONG_BINPUT only below 2^24): C-speed over the bulk of a pickle."""
+    step, fixed = [-9] * 256, {0: [], 1: [], 2: [], 4: [], 8: []}
+    for op in pickletools.opcodes:
+        n, code = 0 if op.arg is None else op.arg.n, op.code.encode("latin-1")
+        step[code[0]] = n
+        if n in fixed and code not in (b".", b"r"):
+            fixed[n].append(re.escape(code))
+    step[ord(".")], step[ord("r")], step[ord("p")] = -9, -6, -7
+    parts = [b"[" + b"".join(codes) + b"]" + b"." * n for n, codes in fixed.items()]
+    run = re.compile(b"(?:" + b"|".join([*parts, b"r...\\x00"]) + b")*", re.S).match
+    return step, run
+
+
+_STEP, _RUN = _opcodes()
+_COUNTS = {-2: struct.Struct("<B"), -3: struct.Struct("<i"), -4: struct.Struct("<I")}
+_COUNTS[-5] = struct.Struct("<Q")
+_U32 = struct.Struct("<I").unpack_from
+
+
+def check_sizes(data: bytes) -> None:
+    """Raise :class:`Oversized` unless every memo index is below the pickle's size and
+    every counted argument fits in it: Python's C unpickler fills a memo list twice a
+    PUT's index (10 bytes could cost gigabytes) and allocates what a BINBYTES claims,
+    before any other check.  One exact pass over the opcodes (pickletools is 6x slower)."""
+    pos, end, step, find, run = 0, len(data), _STEP, data.find, _RUN
+    while True:
+        pos = run(data, pos).end()
+        if pos >= end:
+            return
+        op, at = data[pos], pos + 1
+        n = step[op]
+        if n >= 0 or n == -9:  # STOP, an unknown opcode or a cut-off argument: where
+            return  # the unpickler stops too
+        if n == -6:  # LONG_BINPUT of 2^24 or more
+            if at + 4 <= end and _U32(data, at)[0] > end:
+                raise Oversized(f"memo index at byte {pos} is past the pickle's size")
+            pos = at + 4
+        elif n in (-1, -7):  # up to a newline; GLOBAL and INST take two lines
+            pos = at
+            for _ in range(2 if op in (99, 105) else 1):
+                pos = find(b"\n", pos) + 1
+                if not pos:
+                    return
+            digits = data[at : pos - 1]
+            if n == -7 and (len(digits) > 19 or not digits.isdigit() or int(digits) > end):
+                raise Oversized(f"memo index at byte {at - 1} is past the pickle's size")
+        else:
+            count = _COUNTS[n]
+            if at + count.size > end:
+                return
+            (size,) = count.unpack_from(data, at)
+            pos = at + count.size + size
+            if size < 0 or pos > end:
+                raise Oversized(f"opcode at byte {at - 1} claims {size} bytes past its end")
+
+
+def load(data: bytes, subject: str | None = None) -> Any:
+    """The archive's object with tensors as :class:`TensorRef`/:class:`ParameterRef`;
+    a pickle whose opcodes claim more than it holds is a FormatError naming ``subject``."""
+    try:
+        check_sizes(data)
+    except Oversized as exc:
+        raise FormatError(subject, f"corrupt pickle: {exc}") from None
     try:
         return _Unpickler(io.BytesIO(data)).load()
     except NotPlain:

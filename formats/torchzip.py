@@ -33,6 +33,9 @@ CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
 # The central fields a reader needs: signature, flags, method, sizes, name/extra/comment
 # lengths, local header offset.
 CENTRAL_FIELDS = struct.Struct("<4s4xHH8xIIHHH8xI")
+# The local header fields checked against the central directory: signature, flags,
+# method, sizes, name and extra lengths.
+LOCAL_FIELDS = struct.Struct("<I2xHH8xIIHH")
 END = struct.Struct("<IHHHHIIH")
 END64 = struct.Struct("<IQHHIIQQQQ")
 LOCATOR64 = struct.Struct("<IIQI")
@@ -41,12 +44,16 @@ DOS_DATE = 0x21  # 1980-01-01, the zip epoch: files come out the same for the sa
 
 
 class Record(NamedTuple):
-    """One zip member: where its local header is, its size, and whether it is stored."""
+    """One zip member: where its local header is, its size, whether it is stored, and
+    what its local header must repeat (method, compressed size, name length)."""
 
     name: str
     header: int
     size: int
     stored: bool
+    method: int = zipfile.ZIP_STORED
+    csize: int = 0
+    nlen: int = 0
 
 
 def members(path: Path) -> dict[str, Record]:
@@ -59,6 +66,10 @@ def members(path: Path) -> dict[str, Record]:
 
 @functools.lru_cache(maxsize=4)  # sniff, the TorchScript check and read share one parse
 def _members(path: str, size: int, _mtime: int, _inode: int) -> dict[str, Record]:
+    """One reading of the archive for every reader (the pickle gate, nnconv's unpickler,
+    torch): names unique even ignoring case (torch's miniz looks names up that way), one
+    ``data.pkl``, in the folder torch takes from the first member's name."""
+
     def bad(problem: str) -> FormatError:
         return FormatError(path, f"corrupt or truncated zip archive: {problem}")
 
@@ -100,14 +111,65 @@ def _members(path: str, size: int, _mtime: int, _inode: int) -> dict[str, Record
             extra = cd[name_at + nlen : name_at + nlen + elen]
             usize, csize, header = _zip64(extra, usize, csize, header, bad)
         try:
-            name = cd[name_at : name_at + nlen].decode("utf-8" if flags & 0x800 else "cp437")
+            name = _decode(cd[name_at : name_at + nlen], flags)
         except UnicodeDecodeError:
             raise bad("a member name is not valid UTF-8") from None
         if header + LOCAL.size + csize > size:
             raise bad(f"member {name!r} claims {csize} bytes at offset {header}")
+        if name in out:
+            raise FormatError(path, f"zip archive names member {name!r} twice")
         stored = method == zipfile.ZIP_STORED and not flags & 1 and usize == csize
-        out[name] = Record(name, header, usize, stored)
+        out[name] = Record(name, header, usize, stored, method, csize, nlen)
+    _check_names(path, out)
     return out
+
+
+def _check_names(path: str, out: dict[str, Record]) -> None:
+    """Names unique ignoring case (torch's miniz looks them up so), and at most one
+    ``data.pkl``, the one torch reads: in bulk (C loops), as this runs for every member."""
+    folded = "\n".join(map(str.lower, out)) + "\n"
+    if len(set(folded.split("\n"))) != len(out) + 1:
+        seen: set[str] = set()
+        for name in out:
+            if name.lower() in seen:
+                raise FormatError(path, f"zip archive names member {name!r} twice, up to case")
+            seen.add(name.lower())
+    if "data.pkl\n" not in folded:
+        return
+    pickles = [n for n in out if n.lower().endswith("data.pkl")]
+    folder = next(iter(out)).split("/", 1)[0] + "/"  # torch's archive name: the first's
+    if pickles != [folder + "data.pkl"]:
+        raise FormatError(
+            path,
+            f"zip archive holds {', '.join(map(repr, pickles))}: torch reads only "
+            f"{folder + 'data.pkl'!r}",
+            remedy="the file is corrupt or crafted",
+        )
+
+
+def _decode(raw: bytes, flags: int) -> str:
+    return raw.decode("utf-8" if flags & 0x800 else "cp437")
+
+
+def check_local_names(path: str, heads, members: dict[str, Record]) -> None:
+    """Every member's local header names it as the central directory does (``zipfile``
+    refuses a mismatch; torch and :func:`data_offset` use the central name and the
+    local lengths, which :func:`data_offset` checks)."""
+    for record in members.values():
+        data_offset(path, heads, record)
+        at = record.header + LOCAL.size
+        flags = LOCAL_FIELDS.unpack_from(heads, record.header)[1]
+        try:
+            same = _decode(heads[at : at + record.nlen], flags) == record.name
+        except UnicodeDecodeError:
+            same = False
+        if not same:
+            raise FormatError(
+                path,
+                f"member {record.name!r}: its local header disagrees with the central "
+                "directory (name)",
+                remedy="the file is corrupt or crafted",
+            )
 
 
 def _zip64(extra: bytes, usize: int, csize: int, header: int, bad) -> tuple[int, int, int]:
@@ -133,13 +195,32 @@ def _zip64(extra: bytes, usize: int, csize: int, header: int, bad) -> tuple[int,
 
 def data_offset(path: str, heads, record: Record) -> int:
     """Where a member's bytes start: after its local header's own name and extra field
-    (``heads``: the archive, memory-mapped); the bytes must lie inside the file."""
+    (``heads``: the archive, memory-mapped); the bytes must lie inside the file, and the
+    local header must agree with the central directory (name length, method, sizes: 0
+    with a data descriptor, or masked for zip64).  (Called once per tensor: kept lean.)"""
     at = record.header
-    if heads[at : at + 4] != b"PK\x03\x04" or at + LOCAL.size > len(heads):
-        raise FormatError(path, f"member {record.name!r}: bad local header")
-    name_len, extra_len = struct.unpack_from("<HH", heads, at + 26)
+    try:
+        sig, flags, method, csize, usize, name_len, extra_len = LOCAL_FIELDS.unpack_from(heads, at)
+    except struct.error:
+        raise FormatError(path, f"member {record.name!r}: bad local header") from None
     start = at + LOCAL.size + name_len + extra_len
-    if start + record.size > len(heads):
+    sizes = csize | usize  # 0: a data descriptor follows (torch.save's way)
+    if (
+        sig != 0x04034B50
+        or method != record.method
+        or name_len != record.nlen
+        or sizes
+        and (csize != record.csize or usize != record.size)
+        and MASK32 not in (csize, usize)
+        or not (sizes or flags & 8 or record.csize | record.size == 0)
+    ):
+        raise FormatError(
+            path,
+            f"member {record.name!r}: its local header disagrees with the central directory "
+            "(name, method or sizes)",
+            remedy="the file is corrupt or crafted",
+        )
+    if start + (record.size if record.stored else record.csize) > len(heads):
         raise FormatError(path, f"member {record.name!r} runs past the end of the file")
     return start
 

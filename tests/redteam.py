@@ -1,4 +1,4 @@
-"""Running ``nnconv`` against hostile files, measured from outside the process.
+"""Running ``nnconv`` against hostile files, measured by the kernel, not by nnconv.
 
 Each red-team test builds its hostile file at test time, runs the real CLI in a
 child process and checks what an attacker must never get: exit 2 with one
@@ -20,7 +20,19 @@ from pathlib import Path
 RSS_LIMIT_MIB = 512  # what a bomb may cost the nnconv process, imports included
 WALL_LIMIT_S = 20.0
 KILL_AFTER_S = 60.0  # a hang is killed here and reported as such
-_MAIN = "import sys; from nnconv.converter.cli import main; sys.argv[0] = 'nnconv'; main()"
+# The child reports its own peak RSS (VmHWM, which exec resets: ru_maxrss would count the
+# pages a fork copied from this, possibly large, pytest process) to the file named in
+# NNCONV_REDTEAM_HWM when it exits; the parent also samples it while the child runs.
+_MAIN = """
+import atexit, os, sys
+def _report(path=os.environ["NNCONV_REDTEAM_HWM"]):
+    with open("/proc/self/status") as fh, open(path, "w") as out:
+        out.write(next(line for line in fh if line.startswith("VmHWM:")).split()[1])
+atexit.register(_report)
+from nnconv.converter.cli import main
+sys.argv[0] = "nnconv"
+main()
+"""
 
 
 @dataclass
@@ -60,6 +72,24 @@ def nnconv(*args: str | os.PathLike[str], cwd=None, env=None, timeout=KILL_AFTER
     (that child's own rusage), a hang is killed after ``timeout`` seconds."""
     full_env = {**os.environ, **(env or {})}
     full_env.pop("NNCONV_DEBUG", None)
+    with tempfile.TemporaryDirectory(prefix="nnconv-hwm-") as folder:
+        hwm = Path(folder) / "vmhwm"
+        hwm.write_text("0")
+        full_env["NNCONV_REDTEAM_HWM"] = str(hwm)
+        return _run(args, cwd, full_env, timeout, hwm)
+
+
+def _vm_hwm_kib(status: Path) -> int:
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _run(args, cwd, full_env, timeout, hwm: Path) -> Run:
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.monotonic()
         proc = subprocess.Popen(
@@ -71,11 +101,12 @@ def nnconv(*args: str | os.PathLike[str], cwd=None, env=None, timeout=KILL_AFTER
             stderr=err,
             start_new_session=True,
         )
-        killed = False
+        killed, peak = False, 0
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            pid, status, _usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
+            peak = max(peak, _vm_hwm_kib(Path(f"/proc/{proc.pid}/status")))
             if time.monotonic() - start > timeout and not killed:
                 killed = True
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -88,7 +119,7 @@ def nnconv(*args: str | os.PathLike[str], cwd=None, env=None, timeout=KILL_AFTER
             proc.returncode,
             out.read().decode(errors="replace"),
             err.read().decode(errors="replace"),
-            usage.ru_maxrss / 1024,
+            max(peak, int(hwm.read_text() or 0)) / 1024,
             wall,
             killed,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import resource
 import signal
@@ -141,6 +142,17 @@ def test_missing_destination_folder(tmp_path):
 
 
 def _old_folder(dst: Path) -> None:
+    """An earlier sharded output: the index and the shards it lists, nothing else."""
+    dst.mkdir(parents=True)
+    (dst / "model-00001-of-00001.safetensors").write_bytes(b"old")
+    index = {"metadata": {}, "weight_map": {"w": "model-00001-of-00001.safetensors"}}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+OLD_FOLDER = ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+
+
+def _user_folder(dst: Path) -> None:
     (dst / "sub").mkdir(parents=True)
     (dst / "old.txt").write_text("old")
     (dst / "sub" / "old.bin").write_bytes(b"old")
@@ -151,12 +163,12 @@ def test_directory_destination_replaces_existing_folder(tmp_path):
     _old_folder(dst)
     with pytest.raises(DestinationError), atomic_output(dst, directory=True):
         pytest.fail("the block ran")
-    assert listing(dst) == ["old.txt", "sub", "sub/old.bin"]
+    assert listing(dst) == OLD_FOLDER
 
     with atomic_output(dst, force=True, directory=True) as tmp:
         assert tmp.is_dir() and list(tmp.iterdir()) == []
         (tmp / "new.txt").write_text("new")
-        assert (dst / "old.txt").exists(), "the old folder went before the new one was complete"
+        assert (dst / OLD_FOLDER[0]).exists(), "the old folder went before the new one was complete"
     assert listing(dst) == ["new.txt"]
     assert (dst / "new.txt").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
@@ -169,6 +181,35 @@ def test_file_destination_replaces_existing_folder(tmp_path):
         tmp.write_bytes(b"single file")
     assert dst.read_bytes() == b"single file"
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+@pytest.mark.parametrize("directory", [False, True], ids=["file", "folder"])
+def test_force_never_replaces_a_folder_holding_other_files(directory, tmp_path):
+    """--force replaces a file or an earlier sharded output, never a folder of the user's."""
+    dst = tmp_path / "out.safetensors"
+    _user_folder(dst)
+    with (
+        pytest.raises(DestinationError, match="holding other files"),
+        atomic_output(dst, force=True, directory=directory),
+    ):
+        pytest.fail("the block ran")
+    assert listing(dst) == ["old.txt", "sub", "sub/old.bin"]
+    dst = tmp_path / "sharded"
+    _old_folder(dst)
+    (dst / "notes.md").write_text("mine")  # an earlier output plus a file of the user's
+    with pytest.raises(DestinationError), atomic_output(dst, force=True, directory=directory):
+        pytest.fail("the block ran")
+    assert listing(dst) == sorted([*OLD_FOLDER, "notes.md"])
+
+
+def test_folder_that_gains_a_file_while_written_is_kept(tmp_path):
+    dst = tmp_path / "out.safetensors"
+    _old_folder(dst)
+    with pytest.raises(DestinationError), atomic_output(dst, force=True) as tmp:
+        tmp.write_bytes(b"new")
+        (dst / "notes.md").write_text("written meanwhile")
+    assert listing(dst) == sorted([*OLD_FOLDER, "notes.md"])
+    assert temporaries(tmp_path) == []
 
 
 def test_directory_destination_replaces_existing_file(tmp_path):
@@ -196,7 +237,7 @@ def test_failed_folder_swap_keeps_the_old_folder(tmp_path, monkeypatch):
         (tmp / "new.txt").write_text("new")
     monkeypatch.undo()
     assert len(calls) >= 2
-    assert listing(dst) == ["old.txt", "sub", "sub/old.bin"]
+    assert listing(dst) == OLD_FOLDER
 
 
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):

@@ -18,6 +18,7 @@ from nnconv.converter import convert, inspect, load
 from nnconv.converter.convert import OnnxOptions
 from nnconv.converter.inputs import example_tensors, input_specs
 from nnconv.converter.record import ARCHITECTURE_KEY
+from nnconv.formats.errors import UntrustedCodeError
 
 ROOT = MODELS_FILE.parents[1]
 
@@ -96,7 +97,9 @@ def test_record_is_embedded_and_rebuilds_without_model(tmp_path):
     assert ARCHITECTURE_KEY in ckpt.metadata
     report = inspect(tmp_path / "mlp.safetensors")
     assert "hidden: Linear(in_features=20, out_features=256, bias=True)" in report.render()
-    result = convert(tmp_path / "mlp.safetensors", tmp_path / "mlp.onnx")
+    with pytest.raises(UntrustedCodeError, match="models:MLP"):  # the record names a user class
+        convert(tmp_path / "mlp.safetensors", tmp_path / "mlp.onnx")
+    result = convert(tmp_path / "mlp.safetensors", tmp_path / "mlp.onnx", trust_code=True)
     assert result.model_source == "record"
     x = example_tensors(input_specs(["3,20"]), seed=4)[0]
     model = build("mlp")

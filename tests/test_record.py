@@ -18,7 +18,7 @@ from torch import nn
 from nnconv.converter import models, record
 from nnconv.converter.convert import save
 from nnconv.converter.inputs import InputSpec
-from nnconv.formats.errors import FormatError, UsageError
+from nnconv.formats.errors import FormatError, UntrustedCodeError, UsageError
 from nnconv.formats.objects import from_object
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,9 +28,10 @@ INPUTS = [InputSpec("input", (2, 4))]
 def round_trip(module: nn.Module, x: tuple, **build) -> nn.Module:
     """Rebuild ``module`` from its record's JSON; check strict load and outputs."""
     text = record.dumps(record.build(module, INPUTS, **build))
-    rebuilt = record.rebuild(record.loads(text, "test"))
+    rebuilt = record.rebuild(record.loads(text, "test"), trust_code="model_args" in build)
     assert type(rebuilt) is type(module)
-    rebuilt.load_state_dict(module.state_dict(), strict=True)
+    on_meta = all(t.is_meta for t in rebuilt.state_dict().values())
+    rebuilt.load_state_dict(module.state_dict(), strict=True, assign=on_meta)
     module.eval(), rebuilt.eval()
     with torch.no_grad():
         assert torch.equal(rebuilt(*x), module(*x))
@@ -56,7 +57,9 @@ def test_user_class_mlp(fixtures_importable):
         "class": "torch.nn.modules.linear:Linear",
         "args": {"in_features": 20, "out_features": 256, "bias": True},
     }
-    rebuilt = record.rebuild(record.loads(record.dumps(rec)))
+    with pytest.raises(UntrustedCodeError, match="models:MLP"):
+        record.rebuild(record.loads(record.dumps(rec)))  # a record names, it does not import
+    rebuilt = record.rebuild(record.loads(record.dumps(rec)), trust_code=True)
     rebuilt.load_state_dict(mlp.state_dict(), strict=True)
     x = torch.randn(3, 20)
     assert torch.equal(rebuilt.eval()(x), mlp.eval()(x))
@@ -115,8 +118,8 @@ def test_containers_attention_and_rnns():
         }
     )
     rec = record.loads(record.dumps(record.build(net, [])))
-    rebuilt = record.rebuild(rec)
-    rebuilt.load_state_dict(net.state_dict(), strict=True)
+    rebuilt = record.rebuild(rec)  # built-ins only: on the meta device, then the weights
+    rebuilt.load_state_dict(net.state_dict(), strict=True, assign=True)
     assert rebuilt["rnn"].nonlinearity == "relu" and rebuilt["emb"].padding_idx == 0
     assert isinstance(rebuilt["layer"].activation, nn.SiLU)
     x = torch.randn(3, 1, 4)
@@ -145,8 +148,11 @@ def _record(cls: str, args: dict | None = None, **node) -> dict:
     "cls", ["no_such_package_xyz.models:Net", "json:Nope", "test_record:local.<locals>.Net"]
 )
 def test_unimportable_class_names_it_and_suggests_model(cls):
+    rec = record.loads(json.dumps(_record(cls, {}, file="nets.py")))
+    with pytest.raises(UntrustedCodeError, match="--trust-code"):
+        record.rebuild(rec)
     with pytest.raises(UsageError) as err:
-        record.rebuild(record.loads(json.dumps(_record(cls, {}, file="nets.py"))))
+        record.rebuild(rec, trust_code=True)
     assert cls in str(err.value)
     assert "--model nets.py:" in str(err.value)
 
@@ -155,8 +161,10 @@ def test_only_module_classes_are_ever_called(tmp_path):
     marker = tmp_path / "called"
     for cls in ("subprocess:Popen", "os:system", "builtins:exec"):
         rec = _record(cls, {"args": ["touch", str(marker)]})
-        with pytest.raises(UsageError, match="not a torch.nn.Module class"):
+        with pytest.raises(UntrustedCodeError, match=cls):
             record.rebuild(record.loads(json.dumps(rec)))
+        with pytest.raises(UsageError, match="not a torch.nn.Module class"):
+            record.rebuild(record.loads(json.dumps(rec)), trust_code=True)
     assert not marker.exists()
 
 

@@ -32,7 +32,7 @@ from nnconv.converter.runner import (
     make_runner,
     resolve_inputs,
 )
-from nnconv.formats.errors import FormatError, UsageError
+from nnconv.formats.errors import FormatError, UntrustedCodeError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 X = torch.randn(2, 20, generator=torch.Generator().manual_seed(3))
@@ -148,7 +148,9 @@ def test_torch_runner_from_spec(mlp_weights):
 def test_torch_runner_from_record(tmp_path, mlp_weights, fixtures_importable):
     dst = tmp_path / "with_record.safetensors"
     convert(mlp_weights, dst, model="fixtures/models.py:MLP", input_shapes=["2,20"])
-    runner = make_runner(dst)
+    with pytest.raises(UntrustedCodeError):  # the record names a user class: not imported
+        make_runner(dst)
+    runner = make_runner(dst, trust_code=True)
     assert runner.label == "torch (record)"
     assert runner.input_specs() == MLP_INPUTS
     assert torch.equal(runner.run([X], device="cpu")["output"], eager())

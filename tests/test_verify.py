@@ -169,7 +169,8 @@ def test_golden_round_trip(tmp_path):
     report = verify(pt, model=spec("mlp"), input_shapes=["2,20"], save_golden=golden)
     assert report and golden.exists()
     assert verify(onx, golden=golden)  # the converted file replays the stored inputs
-    assert verify(st, golden=golden)  # its architecture record makes it runnable
+    # its architecture record makes it runnable, once trusted to import the user's class
+    assert verify(st, golden=golden, trust_code=True)
 
     def bump(sd):
         sd["output.bias"] += 0.1

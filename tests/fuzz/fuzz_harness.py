@@ -160,11 +160,21 @@ def _exercise(reader: str, path: Path) -> str:
                     )
                 hashlib.blake2b(data)  # touch every byte: a map past the file's end faults here
             ckpt.names()
+            _exercise_record(ckpt)
     except NnconvError as exc:
         if _allocation_failure(exc):
             raise MemoryBoundExceeded(f"an allocation failed: {exc}") from exc
         return type(exc).__name__
     return "ok"
+
+
+def _exercise_record(ckpt) -> None:
+    """An architecture record in the file is rebuilt as ``verify`` would, untrusted: only
+    torch.nn built-ins, on the meta device, then the file's own tensors assigned."""
+    from nnconv.converter import models, record
+
+    if record.ARCHITECTURE_KEY in ckpt.metadata:
+        models.load_model(ckpt)
 
 
 def _ours(filename: str) -> bool:

@@ -48,11 +48,14 @@ class Seed:
 
 
 SEEDS: dict[str, tuple[Seed, ...]] = {
-    "pt": tuple(
-        Seed("pt", FIXTURES / n) for n in ("mlp.params", "x-file", "checkpoint.pt", "legacy.pt")
+    "pt": (
+        *(Seed("pt", FIXTURES / n) for n in ("mlp.params", "x-file", "checkpoint.pt", "legacy.pt")),
+        # TorchScript archives (torch.jit.save), read by nnconv's restricted reader
+        *(Seed("pt", SEED_DIR / "pt" / n) for n in ("scripted.pt", "traced.pt")),
     ),
     "safetensors": (
         Seed("safetensors", FIXTURES / "mlp.safetensors"),
+        Seed("safetensors", SEED_DIR / "safetensors/record.safetensors"),  # architecture record
         Seed(
             "safetensors",
             SEED_DIR / "safetensors/sharded/model.safetensors.index.json",
@@ -63,6 +66,7 @@ SEEDS: dict[str, tuple[Seed, ...]] = {
         Seed("hdf5", FIXTURES / "mlp.h5"),
         Seed("hdf5", SEED_DIR / "hdf5/model.weights.h5"),
         Seed("hdf5", SEED_DIR / "hdf5/keras_legacy.h5"),
+        Seed("hdf5", SEED_DIR / "hdf5/record.h5"),  # architecture record
     ),
     "onnx": (
         Seed("onnx", SEED_DIR / "onnx/mlp.onnx"),

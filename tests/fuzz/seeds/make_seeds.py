@@ -3,9 +3,10 @@
 The fixtures cover pt, single-file safetensors and nnconv's HDF5 layout; the
 readers have more input shapes than that, and mutation only reaches code that
 some seed already gets to: ONNX with inline, typed-field and external data, a
-sharded safetensors index, and both Keras HDF5 layouts.  All are small, so the
-fuzzer spends its time on structure rather than on tensor bytes.  The output
-is deterministic except for the ONNX exporter's own producer fields.
+sharded safetensors index, both Keras HDF5 layouts, and TorchScript archives.
+All are small, so the fuzzer spends its time on structure rather than on tensor
+bytes.  The output is deterministic except for the ONNX exporter's own producer
+fields (and torch.jit.save's serialization id).
 """
 
 from __future__ import annotations
@@ -89,6 +90,23 @@ def safetensors_seeds() -> None:
     assert len(set(index["weight_map"].values())) > 1, "the seed must have several shards"
 
 
+def record_seeds() -> None:
+    """Weights with nnconv's architecture record, in safetensors and HDF5: the fuzz
+    harness rebuilds the record untrusted (torch.nn built-ins on meta, then the weights)."""
+    from nnconv.converter import record
+    from nnconv.formats.objects import from_object
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.ReLU(), torch.nn.Linear(3, 2)
+    )
+    rec = record.dumps(record.build(net, [InputSpec("input", (2, 4))]))
+    for name in ("safetensors/record.safetensors", "hdf5/record.h5"):
+        ckpt = from_object(net.state_dict())
+        ckpt.metadata[record.ARCHITECTURE_KEY] = rec
+        save(ckpt, HERE / name, force=True)
+
+
 def hdf5_seeds() -> None:
     out = HERE / "hdf5"
     shutil.rmtree(out, ignore_errors=True)
@@ -111,10 +129,43 @@ def hdf5_seeds() -> None:
         root.create_group("dropout").attrs["weight_names"] = np.array([], dtype="S1")
 
 
+class _Scripted(torch.nn.Module):
+    """What the TorchScript reader models: own parameter and buffers, submodules (an
+    int64 buffer in BatchNorm), a tied weight and typed attributes (list, dict, device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.arange(3, dtype=torch.float32))
+        self.register_buffer("steps", torch.tensor([7], dtype=torch.int64))
+        self.a = torch.nn.Linear(3, 3, bias=False)
+        self.b = torch.nn.Linear(3, 3)
+        self.b.weight = self.a.weight
+        self.norm = torch.nn.BatchNorm1d(3)
+        self.sizes = [1, 2]
+        self.names = {"x": 1}
+        self.device = torch.device("cpu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.b(self.a(x)) * self.scale) + self.sizes[0]
+
+
+def torchscript_seeds() -> None:
+    """torch.jit.save archives (their code/ records deflated), scripted and traced."""
+    torch.manual_seed(0)
+    out = HERE / "pt"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    torch.jit.save(torch.jit.script(_Scripted()), out / "scripted.pt")
+    mlp = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    torch.jit.save(torch.jit.trace(mlp, torch.zeros(1, 2)), out / "traced.pt")
+
+
 if __name__ == "__main__":
+    torchscript_seeds()
     onnx_seeds()
     safetensors_seeds()
     hdf5_seeds()
+    record_seeds()
     for path in sorted(HERE.rglob("*")):
         if path.is_file() and path.suffix != ".py":
             print(f"{path.stat().st_size:>8}  {path.relative_to(HERE)}")
