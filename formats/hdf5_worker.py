@@ -92,7 +92,7 @@ class _Request:
             try:
                 names.append(raw.decode("utf-8"))
             except UnicodeDecodeError:
-                raise self.refuse(f"link name {raw!r} is not UTF-8") from None
+                raise self.refuse(f"a link name of {len(raw)} bytes is not UTF-8") from None
             self.tick()
         if gid.get_create_plist().get_link_creation_order():
             return names

@@ -176,7 +176,7 @@ def from_model(model, *, subject: str | os.PathLike[str] | None, folder: Path | 
 def _text(subject, value: str | bytes, what: str) -> str:
     """A protobuf string field: upb hands over proto2 strings that are not UTF-8 as bytes."""
     if isinstance(value, bytes):
-        raise FormatError(subject, f"{what} is not valid UTF-8: {value[:60]!r}")
+        raise FormatError(subject, f"{what} is not valid UTF-8 ({len(value)} bytes)")
     return value
 
 

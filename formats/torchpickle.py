@@ -174,17 +174,22 @@ def check_sizes(data: bytes) -> None:
     every counted argument fits in it: Python's C unpickler fills a memo list twice a
     PUT's index (10 bytes could cost gigabytes) and allocates what a BINBYTES claims,
     before any other check.  One exact pass over the opcodes (pickletools is 6x slower)."""
-    pos, end, step, find, run = 0, len(data), _STEP, data.find, _RUN
+    pos, end, step, find, run, u32 = 0, len(data), _STEP, data.find, _RUN, _U32
     while True:
         pos = run(data, pos).end()
         if pos >= end:
             return
         op, at = data[pos], pos + 1
+        if op == 88 and at + 4 <= end:  # BINUNICODE, between most runs: the short way
+            pos = at + 4 + u32(data, at)[0]
+            if pos > end:
+                raise Oversized(f"opcode at byte {at - 1} claims {pos - at - 4} bytes past its end")
+            continue
         n = step[op]
         if n >= 0 or n == -9:  # STOP, an unknown opcode or a cut-off argument: where
             return  # the unpickler stops too
         if n == -6:  # LONG_BINPUT of 2^24 or more
-            if at + 4 <= end and _U32(data, at)[0] > end:
+            if at + 4 <= end and u32(data, at)[0] > end:
                 raise Oversized(f"memo index at byte {pos} is past the pickle's size")
             pos = at + 4
         elif n in (-1, -7):  # up to a newline; GLOBAL and INST take two lines

@@ -317,3 +317,51 @@ def test_fuzz_seeds_read():
     for name in ("scripted.pt", "traced.pt"):
         ckpt = pt_format.read(seeds / name)
         assert ckpt.metadata == {} and ckpt.names()
+
+
+# --- through the command line: convert without trust, verify runs only when trusted -------
+
+_CLI_NO_JIT = """
+import sys, torch
+from pathlib import Path
+MARKER = Path(sys.argv.pop(1))
+def called(*args, **kwargs):
+    MARKER.write_text("torch.jit loaded the archive")
+    raise SystemExit(3)
+torch.jit.load = torch._C.import_ir_module = torch._C.import_ir_module_from_buffer = called
+from nnconv.converter.cli import main
+sys.argv[0] = "nnconv"
+main()
+"""
+
+
+def _cli(*args, marker: Path | None = None) -> subprocess.CompletedProcess:
+    code, extra = (_CLI_NO_JIT, [str(marker)]) if marker else (_CLI_MAIN, [])
+    return subprocess.run(
+        [sys.executable, "-c", code, *extra, *map(str, args)], capture_output=True, text=True
+    )
+
+
+_CLI_MAIN = "import sys; from nnconv.converter.cli import main; sys.argv[0] = 'nnconv'; main()"
+
+
+@pytest.mark.parametrize("name", ["mlp", "batchnorm", "block"])
+def test_cli_converts_without_trust_and_runs_only_with_it(tmp_path, name):
+    path, scripted = _save(tmp_path, name, "script")
+    out, marker = tmp_path / "out.safetensors", tmp_path / "JIT_CALLED"
+    run = _cli("convert", path, out, marker=marker)
+    assert run.returncode == 0 and not marker.exists(), run.stderr
+    back = load_file(out)
+    assert list(back) == list(scripted.state_dict())
+    for key, value in scripted.state_dict().items():
+        assert_tensor_same(back[key], value, key)
+    shape = ",".join(map(str, MODELS[name][1]))
+    run = _cli("verify", path, out, "--input-shape", shape, "--json", "-", marker=marker)
+    assert run.returncode == 0 and not marker.exists(), run.stderr
+    report = json.loads(run.stdout)
+    assert report["outputs_checked"] is False and report["trust_code"] is False
+    assert any("TorchScript" in n and "--trust-code" in n for n in report["notes"])
+    run = _cli("verify", path, path, "--input-shape", shape, "--trust-code", "--json", "-")
+    report = json.loads(run.stdout)
+    assert run.returncode == 0 and report["outputs_checked"] and report["trust_code"], run.stderr
+    assert report["reference"]["runner"] == "torch (torchscript)"
