@@ -220,14 +220,21 @@ def test_force_onto_a_folder_holding_the_source_is_refused(argv, project, tmp_pa
 
 def test_force_onto_the_source_folder_writes_beside(project, tmp_path):
     """The observed attack: this used to delete proj/ with the source and train.py."""
-    before = sha_tree(project)
-    run = nnconv("convert", "proj/model.safetensors", "proj", "--to", "pt", "--force", cwd=tmp_path)
-    assert run.rc == 0, run.stderr
-    assert "-> proj/model.pt (pt)" in run.stdout, run.stdout
-    after = sha_tree(project)
-    assert {k: after[k] for k in before} == before
-    assert set(after) - set(before) == {"model.pt"}
+    argv = ["convert", "proj/model.safetensors", "proj", "--to", "pt", "--force"]
+    _written_beside(argv, project, tmp_path, "proj/model.pt (pt)")
     assert torch.load(project / "model.pt")["w"].tolist() == list(range(6))
+
+
+def _written_beside(argv: list, folder: Path, cwd: Path, shown: str) -> None:
+    """``nnconv ARGV`` exits 0, says it wrote ``shown``, and adds one file to ``folder``,
+    changing none that were there."""
+    before = sha_tree(folder)
+    run = nnconv(*argv, cwd=cwd)
+    assert run.rc == 0, run.stderr
+    assert f"-> {shown}" in run.stdout, run.stdout
+    after = sha_tree(folder)
+    assert {k: after[k] for k in before} == before
+    assert set(after) - set(before) == {Path(shown.split()[0]).name}
 
 
 def test_force_onto_a_folder_with_unrelated_files(tmp_path):
@@ -237,13 +244,8 @@ def test_force_onto_a_folder_with_unrelated_files(tmp_path):
     (out / "sub").mkdir(parents=True)
     (out / "README.md").write_text("mine")
     (out / "sub" / "data.csv").write_text("1,2,3")
-    before = sha_tree(out)
-    run = nnconv("convert", "model.pt", "out", "--to", "safetensors", "--force", cwd=tmp_path)
-    assert run.rc == 0, run.stderr
-    assert "-> out/model.safetensors (safetensors)" in run.stdout, run.stdout
-    after = sha_tree(out)
-    assert {k: after[k] for k in before} == before
-    assert set(after) - set(before) == {"model.safetensors"}
+    argv = ["convert", "model.pt", "out", "--to", "safetensors", "--force"]
+    _written_beside(argv, out, tmp_path, "out/model.safetensors (safetensors)")
     assert load_file(out / "model.safetensors")["w"].tolist() == [1, 1, 1]
 
 

@@ -95,15 +95,17 @@ def test_record_naming_a_module_main_runs_nothing(tmp_path):
     assert "usage:" not in run.stdout + run.stderr
 
 
+def _linear(tmp_path: Path, features: int, input_shape: list[int]) -> Path:
+    """Weights of a 2x2 Linear whose record claims ``Linear(features, features)`` and
+    declares an input of ``input_shape``."""
+    args = {"in_features": features, "out_features": features, "bias": True}
+    root = {"path": "", "class": "torch.nn.modules.linear:Linear", "args": args}
+    inputs = [{"name": "input", "shape": input_shape, "dtype": "float32"}]
+    return _weights_with_record(tmp_path / "w.safetensors", root, inputs)
+
+
 def test_record_asking_for_a_huge_builtin_allocates_nothing(tmp_path):
-    root = {
-        "path": "",
-        "class": "torch.nn.modules.linear:Linear",
-        "args": {"in_features": 20000, "out_features": 20000, "bias": True},
-    }
-    src = _weights_with_record(tmp_path / "w.safetensors", root, [
-        {"name": "input", "shape": [1, 20000], "dtype": "float32"}
-    ])  # fmt: skip
+    src = _linear(tmp_path, 20000, [1, 20000])
     for args in (["verify", src, src], ["convert", src, tmp_path / "w.onnx"]):
         run = nnconv(*args, cwd=tmp_path)
         run.assert_bounded()
@@ -113,14 +115,7 @@ def test_record_asking_for_a_huge_builtin_allocates_nothing(tmp_path):
 
 
 def test_record_declaring_huge_inputs_is_refused(tmp_path):
-    root = {
-        "path": "",
-        "class": "torch.nn.modules.linear:Linear",
-        "args": {"in_features": 2, "out_features": 2, "bias": True},
-    }
-    src = _weights_with_record(tmp_path / "w.safetensors", root, [
-        {"name": "input", "shape": [100000, 100000, 2], "dtype": "float32"}
-    ])  # fmt: skip
+    src = _linear(tmp_path, 2, [100000, 100000, 2])
     run = nnconv("verify", src, src, cwd=tmp_path)
     run.assert_bounded()
     run.assert_refused()
