@@ -43,9 +43,6 @@ _MODULE = re.compile(r"__torch__(?:\.\w+)*")
 _KINDS = ("__parameters__", "__buffers__")
 
 
-# Each opcode's argument size, in pickletools' codes: n >= 0 bytes, -1 a line (two for
-# GLOBAL and INST), -2..-5 a count of 1, 4 (signed), 4 or 8 bytes, then that many bytes.
-
 
 class Refused(Exception):
     """Something this reader does not model: the archive needs ``torch.jit.load``."""
