@@ -363,3 +363,7 @@ def main() -> None:
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # file-size limits become EFBIG errors
     cli.main(prog_name="nnconv")
+
+
+if __name__ == "__main__":  # python -m nnconv.converter.cli
+    main()

@@ -93,7 +93,7 @@ def save(
     ckpt = obj if isinstance(obj, Checkpoint) else from_object(obj)
     if dtype:
         ckpt = cast(ckpt, dtype)
-    adapter = registry.get(format) if format else registry.for_destination(path)
+    adapter = _destination_adapter(path, format, shard_size)
     if not adapter.CAN_WRITE:
         raise UsageError(path, f"nnconv can read {adapter.NAME} but not write it")
     if isinstance(shard_size, str):
@@ -140,7 +140,7 @@ def convert(
     """
     src, dst = Path(src), Path(dst)
     # Resolve the destination format before reading anything: fail fast on typos.
-    dst_adapter = registry.get(dst_format) if dst_format else registry.for_destination(dst)
+    dst_adapter = _destination_adapter(dst, dst_format, shard_size)
     if shard_size and dst_adapter.NAME != "safetensors":
         raise UsageError(dst, "--shard-size applies to safetensors destinations only")
     if compression and dst_adapter.NAME != "hdf5":
@@ -251,6 +251,19 @@ def _export(src, dst, *, spec, key, inputs, force, fsync, trust_code, options) -
     )
 
 
+def _destination_adapter(dst: PathLike, format: str | None, shard_size) -> Any:
+    """``--to``, else the extension; with ``--shard-size``, a name without a known
+    extension is a safetensors folder (what sharding writes)."""
+    if format:
+        return registry.get(format)
+    try:
+        return registry.for_destination(dst)
+    except UsageError:
+        if shard_size:
+            return registry.get("safetensors")
+        raise
+
+
 def _holds_module(src: Path, adapter) -> bool:
     """A whole-module pickle: its weights come from the module.  (A TorchScript archive's
     weights are read by nnconv's restricted reader: running it is not needed.)"""
@@ -287,7 +300,7 @@ def _result(src, dst, ckpt: Checkpoint, out: Checkpoint, options: dict, model_so
         destination_format=options["format"],
         tensors=len(out.tensors),
         aliases=len(out.aliases),
-        nbytes=out.nbytes,
+        nbytes=cast(out, options["dtype"]).nbytes if options["dtype"] else out.nbytes,  # written
         dtype=options["dtype"],
         model_source=model_source,
         **extra,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from nnconv.formats import dtypes
@@ -26,18 +27,19 @@ class InputSpec:
         return cls(str(data["name"]), tuple(int(d) for d in data["shape"]), str(data["dtype"]))
 
 
+_SHAPE = re.compile(r"[1-9][0-9]*(?:[,x][1-9][0-9]*)*")
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
-    """``"2,20"`` or ``"2x3x224x224"`` -> (2, 20); every dimension a positive integer."""
-    parts = [p for p in str(text).replace("x", ",").replace(" ", "").split(",") if p != ""]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        shape = ()
-    if not shape or any(d <= 0 for d in shape):
+    """``"2,20"`` or ``"2x3x224x224"`` -> (2, 20): positive integers separated by commas
+    or ``x``, nothing else (``"2 20"`` is not ``(220,)``, ``"2,,20"`` not ``(2, 20)``)."""
+    if not _SHAPE.fullmatch(str(text).strip()):
         raise UsageError(
-            None, f"invalid input shape {text!r}", remedy="write positive sizes like 2,20"
+            None,
+            f"invalid input shape {text!r}",
+            remedy="write positive sizes separated by commas, like 2,20 or 1,3,224,224",
         )
-    return shape
+    return tuple(int(p) for p in str(text).strip().replace("x", ",").split(","))
 
 
 def input_specs(shapes: list[str], dtype: str | None = None) -> list[InputSpec]:

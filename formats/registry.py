@@ -80,6 +80,13 @@ def for_destination(path: str | os.PathLike[str], *, missing_ok: bool = True) ->
         if any(name.endswith(ext) for ext in adapter.EXTENSIONS):
             return adapter
     known = ", ".join(f"{a.NAME} ({' '.join(a.EXTENSIONS)})" for a in ADAPTERS.values())
+    suffix = Path(path).suffix
+    if missing_ok and suffix and not Path(path).is_dir():
+        raise UsageError(
+            path,
+            f"nnconv does not support {suffix} files (yet)",
+            remedy=f"it writes {known}; --to names one of these for an unusual file name",
+        )
     if missing_ok:
         raise UsageError(
             path, "cannot tell the format from the extension", remedy=f"pass --to; {known}"

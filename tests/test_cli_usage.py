@@ -1,0 +1,70 @@
+"""Documented commands do what they say (issue: "every documented command works as
+written"): strict input shapes, the written size after a cast, ``--shard-size`` into a
+name without an extension, unsupported extensions named as such, ``python -m``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from redteam import nnconv
+from safetensors import safe_open
+
+from nnconv.converter.inputs import parse_shape
+from nnconv.formats.errors import UsageError
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+MLP = FIXTURES / "mlp.params"
+
+
+@pytest.mark.parametrize("text", ["2 20", "2,,20", "2,20,", "-2,20", "0,4", "2;20", "two", ""])
+def test_input_shapes_are_parsed_strictly(text):
+    with pytest.raises(UsageError) as err:
+        parse_shape(text)
+    assert repr(text) in str(err.value)
+
+
+def test_input_shape_spellings():
+    assert parse_shape("2,20") == (2, 20)
+    assert parse_shape("2x3x224x224") == (2, 3, 224, 224)
+    assert parse_shape(" 7 ") == (7,)
+
+
+def test_a_spaced_shape_is_an_error_line_not_another_shape(tmp_path):
+    run = nnconv(
+        "convert", MLP, tmp_path / "m.onnx", "--model", f"{FIXTURES / 'models.py'}:MLP",
+        "--input-shape", "2 20",
+    )  # fmt: skip
+    assert "'2 20'" in run.assert_refused()
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_summary_gives_the_written_size_after_a_cast(tmp_path):
+    run = nnconv("convert", MLP, tmp_path / "m.safetensors", "--dtype", "bfloat16")
+    assert run.rc == 0, run.stderr
+    assert "15.5 KiB, cast to bfloat16" in run.stdout, run.stdout  # 31.0 KiB of float32
+
+
+def test_shard_size_into_a_name_without_extension_is_a_safetensors_folder(tmp_path):
+    run = nnconv("convert", MLP, tmp_path / "out", "--shard-size", "20KB")
+    assert run.rc == 0, run.stderr
+    index = tmp_path / "out" / "model.safetensors.index.json"
+    assert index.is_file() and len(list((tmp_path / "out").glob("model-*.safetensors"))) == 2
+    with safe_open(next((tmp_path / "out").glob("model-*")), "pt") as f:
+        assert list(f.keys())
+
+
+@pytest.mark.parametrize("name", ["m.npz", "m.keras", "m.gguf", "m.tflite"])
+def test_unsupported_extensions_are_named_as_such(tmp_path, name):
+    line = nnconv("convert", MLP, tmp_path / name).assert_refused(tmp_path / name)
+    suffix = Path(name).suffix
+    assert f"does not support {suffix} files (yet)" in line and "safetensors" in line
+    assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("module", ["nnconv.converter", "nnconv.converter.cli"])
+def test_python_dash_m_runs_the_cli(module):
+    run = subprocess.run([sys.executable, "-m", module, "formats"], capture_output=True, text=True)
+    assert run.returncode == 0 and "safetensors" in run.stdout, run.stderr
