@@ -20,6 +20,7 @@ from . import record as arch
 from .export import EXTERNAL_DATA_THRESHOLD, ExportResult, export_onnx
 from .inputs import InputSpec, input_specs
 from .onnx_import import MappingRow, map_to_state_dict
+from .state_dicts import select_subtree
 
 PathLike = str | os.PathLike[str]
 
@@ -195,16 +196,16 @@ def convert(
     if plain is None and (spec is not None or _holds_module(src, src_adapter)):
         loaded = models.load_model(src, spec=spec, key=key, trust_code=trust_code)
     with plain or _checkpoint(src, src_format, trust_code, loaded) as ckpt:
-        out = ckpt
+        # --key (or the sub-dict a --model picked) is what gets written, not the whole file
+        chosen = key if loaded is None else loaded.selection and loaded.selection.key_used
+        out = select_subtree(ckpt, chosen, str(src)) if chosen else ckpt
         if loaded is not None and loaded.source != "torchscript":
             record = arch.build(
                 loaded.module,
                 inputs or _recorded_inputs(loaded),
                 model_args=spec.args if spec else None,
             )
-            out = replace(
-                ckpt, metadata={**ckpt.metadata, arch.ARCHITECTURE_KEY: arch.dumps(record)}
-            )
+            out = replace(out, metadata={**out.metadata, arch.ARCHITECTURE_KEY: arch.dumps(record)})
         _save_with_progress(out, dst, save_options, progress)
         return _result(src, dst, ckpt, out, save_options, loaded.source if loaded else None)
 

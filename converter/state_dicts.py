@@ -11,11 +11,11 @@ keys, never torch's traceback.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
-from nnconv.formats.checkpoint import Checkpoint
+from nnconv.formats.checkpoint import Checkpoint, iter_leaves
 from nnconv.formats.errors import FormatError, UsageError
 from nnconv.formats.objects import to_object
 
@@ -154,6 +154,56 @@ def _follow(subject: str | None, obj: Any, key: str) -> Any:
                 remedy=f"keys there: {', '.join(map(str, there))}" if there else None,
             )
     return node
+
+
+def select_subtree(ckpt: Checkpoint, key: str, subject: str | None = None) -> Checkpoint:
+    """The part of ``ckpt`` at the dotted ``key`` (``model``, ``model.ema``), lazily: its
+    tensors renamed without the ``key.`` prefix, ties kept (a tensor tied to one outside
+    the part becomes the part's own).  What ``--key`` extracts for every conversion."""
+    import json
+
+    node, done, parts = ckpt.structure, [], key.split(".")
+    while parts:
+        for n in range(len(parts), 0, -1):
+            child = _encoded_child(node, ".".join(parts[:n]))
+            if child is not None:
+                node, done, parts = child, [*done, ".".join(parts[:n])], parts[n:]
+                break
+        else:
+            there = [str(k) for k, _ in node.get("d", ())][:SHOWN] if isinstance(node, dict) else []
+            raise UsageError(
+                subject,
+                f"--key {key!r}: {'.'.join(done) or 'the checkpoint'} has no {parts[0]!r}",
+                remedy=f"keys there: {', '.join(there)}" if there else None,
+            )
+    if not isinstance(node, dict) or "t" in node:
+        raise UsageError(subject, f"--key {key!r} names a single value, not a state_dict")
+    node, prefix = json.loads(json.dumps(node)), f"{key}."
+    tensors, aliases, renamed = {}, {}, {}
+    for leaf in iter_leaves(node):
+        old = leaf["t"]
+        leaf["t"] = new = old.removeprefix(prefix)
+        canonical = ckpt.aliases.get(old, old)
+        if canonical in renamed:
+            aliases[new] = renamed[canonical]
+        else:
+            tensors[new], renamed[canonical] = ckpt.tensors[canonical], new
+    return replace(ckpt, tensors=tensors, structure=node, aliases=aliases)
+
+
+def _encoded_child(node: Any, part: str) -> Any:
+    """A child of an encoded structure node (see :mod:`nnconv.formats.checkpoint`)."""
+    if not isinstance(node, dict):
+        return None
+    for k, value in node.get("d", ()):
+        if str(k) == part:
+            return value
+    items = node.get("l", node.get("u"))
+    return (
+        items[int(part)]
+        if items is not None and part.isdigit() and int(part) < len(items)
+        else None
+    )
 
 
 def _step(node: Any, part: str) -> Any:

@@ -1,6 +1,7 @@
 """Documented commands do what they say (issue: "every documented command works as
-written"): strict input shapes, the written size after a cast, ``--shard-size`` into a
-name without an extension, unsupported extensions named as such, ``python -m``."""
+written"): strict input shapes, ``--key`` for every conversion, the written size after a
+cast, ``--shard-size`` into a name without an extension, unsupported extensions named as
+such, ``python -m``."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from redteam import nnconv
 from safetensors import safe_open
+from safetensors.torch import load_file
 
+from nnconv.converter import load
 from nnconv.converter.inputs import parse_shape
+from nnconv.converter.state_dicts import select_subtree
+from nnconv.formats import to_object
 from nnconv.formats.errors import UsageError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -68,3 +74,30 @@ def test_unsupported_extensions_are_named_as_such(tmp_path, name):
 def test_python_dash_m_runs_the_cli(module):
     run = subprocess.run([sys.executable, "-m", module, "formats"], capture_output=True, text=True)
     assert run.returncode == 0 and "safetensors" in run.stdout, run.stderr
+
+
+def test_key_extracts_the_deployable_weights_for_every_conversion(tmp_path):
+    out = tmp_path / "ckpt.safetensors"
+    run = nnconv("convert", FIXTURES / "checkpoint.pt", out, "--key", "model")
+    assert run.rc == 0, run.stderr
+    expected = torch.load(FIXTURES / "checkpoint.pt", weights_only=True)["model"]
+    back = load_file(out)
+    assert list(back) == list(expected)
+    for name, value in expected.items():
+        assert torch.equal(back[name], value), name
+    line = nnconv("convert", FIXTURES / "checkpoint.pt", tmp_path / "x.pt", "--key", "mdl")
+    assert "has no 'mdl'" in line.assert_refused(FIXTURES / "checkpoint.pt")
+
+
+def test_dotted_keys_and_ties_across_the_part(tmp_path):
+    shared = torch.arange(4.0)
+    obj = {"model.ema": {"w": shared, "v": shared}, "other": {"t": shared}, "x": {"a": {"b": 1}}}
+    torch.save({"ckpt": obj}, tmp_path / "c.pt")
+    ckpt = load(tmp_path / "c.pt")
+    part = select_subtree(ckpt, "ckpt.model.ema")
+    assert list(part.tensors) == ["w"] and part.aliases == {"v": "w"}
+    assert torch.equal(to_object(part)["v"], shared)
+    part = select_subtree(ckpt, "ckpt.other")  # tied to a tensor outside: its own now
+    assert list(part.tensors) == ["t"] and torch.equal(part.tensors["t"].load(), shared)
+    with pytest.raises(UsageError, match="names a single value"):
+        select_subtree(ckpt, "ckpt.x.a.b")
