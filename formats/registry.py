@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 from types import ModuleType
 
-from . import hdf5_format, onnx_format, paths, pt_format, safetensors_format
+from . import hdf5_format, onnx_format, paths, pt_format, safetensors_format, sharding
 from .errors import FormatError, UsageError
 
 ADAPTERS: dict[str, ModuleType] = {
@@ -65,12 +65,41 @@ def detect(path: str | os.PathLike[str], *, format: str | None = None) -> Module
         )
     if not head and path.is_file():
         raise FormatError(path, "file is empty")
+    if path.is_dir():
+        _check_folder(path)
     found = next((a for a in ADAPTERS.values() if a.sniff(path, head)), None)
     if forced is not None:
         if found is not None and found is not forced:
             raise FormatError(path, f"--from {forced.NAME} was given but the file is {found.NAME}")
         return forced
     return found or for_destination(path, missing_ok=False)
+
+
+def _check_folder(path: Path) -> None:
+    """A folder is a checkpoint only when it is one: a sharded safetensors folder (its
+    index present) or a folder whose only weight file is one ``.safetensors`` (what
+    ``save_pretrained`` writes beside its config); anything else is an error listing what
+    is there, never a guess."""
+    if (path / sharding.INDEX_NAME).is_file():
+        return
+    found: dict[str, list[str]] = {}
+    for name in sorted(os.listdir(path)):
+        adapter = next(
+            (a for a in ADAPTERS.values() if any(name.lower().endswith(e) for e in a.EXTENSIONS)),
+            None,
+        )
+        if adapter is not None and not (path / name).is_dir():  # a FIFO: refused when read
+            found.setdefault(adapter.NAME, []).append(name)
+    if list(found) == ["safetensors"] and len(found["safetensors"]) == 1:
+        return
+    shown = "; ".join(f"{fmt}: {', '.join(names[:5])}" for fmt, names in found.items())
+    raise FormatError(
+        path,
+        "this folder is not one checkpoint: "
+        + (f"it holds {shown}" if found else "it holds no weight files")
+        + f" and no {sharding.INDEX_NAME}",
+        remedy="name the file to read",
+    )
 
 
 def for_destination(path: str | os.PathLike[str], *, missing_ok: bool = True) -> ModuleType:

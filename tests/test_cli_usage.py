@@ -101,3 +101,16 @@ def test_dotted_keys_and_ties_across_the_part(tmp_path):
     assert list(part.tensors) == ["t"] and torch.equal(part.tensors["t"].load(), shared)
     with pytest.raises(UsageError, match="names a single value"):
         select_subtree(ckpt, "ckpt.x.a.b")
+
+
+def test_a_folder_is_a_checkpoint_only_when_it_is_one(tmp_path):
+    line = nnconv("inspect", FIXTURES).assert_refused(FIXTURES)  # pt, h5 and one safetensors
+    assert "not one checkpoint" in line and "mlp.safetensors" in line and "mlp.h5" in line
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes((FIXTURES / "mlp.safetensors").read_bytes())
+    (hf / "config.json").write_text("{}")
+    run = nnconv("inspect", hf)  # what save_pretrained writes for a small model
+    assert run.rc == 0 and "Tensors:     4" in run.stdout, run.stderr
+    (hf / "pytorch_model.bin").write_bytes(MLP.read_bytes())
+    assert "pytorch_model.bin" in nnconv("inspect", hf).assert_refused(hf)
