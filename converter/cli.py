@@ -18,7 +18,7 @@ import click
 from nnconv.formats import dtypes, registry, sharding
 from nnconv.formats.errors import NnconvError
 
-from .export import EXPORTERS
+from .export import EXPORT_FORMAT, EXPORTERS
 from .inspect import human_bytes
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
@@ -75,7 +75,8 @@ def _size(ctx, param, value):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nnconv")
 def cli() -> None:
-    """Convert model weights between PyTorch, safetensors and HDF5, losslessly."""
+    """Convert model weights between PyTorch, safetensors, HDF5 and ONNX, losslessly, and
+    verify that files hold the same model."""
 
 
 @cli.command()
@@ -96,7 +97,13 @@ def cli() -> None:
 @click.option("--input-dtype", help="dtype of the example inputs (default float32).")
 @click.option("--opset", type=int, help="ONNX opset version (default: the exporter's).")
 @click.option("--static-batch", is_flag=True, help="ONNX: fix the batch dimension.")
-@click.option("--exporter", type=click.Choice(EXPORTERS), default="auto", show_default=True)
+@click.option(
+    "--exporter",
+    type=click.Choice(EXPORTERS),
+    default="auto",
+    show_default=True,
+    help="ONNX exporter: auto tries dynamo, then the TorchScript exporter.",
+)
 @click.option("--optimize", is_flag=True, help="ONNX: let the exporter fold constants.")
 @click.option("--allow-missing", is_flag=True, help="ONNX import: skip unrecoverable keys.")
 @click.option(
@@ -205,8 +212,10 @@ def _summary(result) -> str:
     cast = f", cast to {result.dtype}" if result.dtype else ""
     aliases = f" (+{result.aliases} tied)" if result.aliases else ""
     model = f", model from {result.model_source}" if result.model_source else ""
-    mapped = sum(1 for row in result.mapping if row.how != "name")
+    mapped = sum(1 for row in result.mapping if row.how not in ("name", "module default"))
+    defaults = sum(1 for row in result.mapping if row.how == "module default")
     mapped_text = f", {mapped} names mapped back" if mapped else ""
+    mapped_text += f", {defaults} from the model's defaults" if defaults else ""
     return (
         f"{head}: {result.tensors} tensors{aliases}, {human_bytes(result.nbytes)}"
         f"{cast}{model}{mapped_text}"
@@ -327,7 +336,8 @@ def inspect(file, src_format, as_json, trust_code):
 def formats() -> None:
     """List the formats nnconv reads and writes."""
     for adapter in registry.ADAPTERS.values():
-        mode = "read, write" if adapter.CAN_WRITE else "read"
+        exported = adapter.NAME == EXPORT_FORMAT  # written by exporting a model (--model)
+        mode = "read, write" if adapter.CAN_WRITE else "read, export" if exported else "read"
         click.echo(f"{adapter.NAME:<12} {mode:<12} {' '.join(adapter.EXTENSIONS)}")
         click.echo(f"{'':<12} {adapter.DESCRIPTION}")
         click.echo(f"{'':<12} keeps: {adapter.FEATURES}")

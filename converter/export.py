@@ -30,6 +30,7 @@ from nnconv.formats.errors import NnconvError, UnsupportedError, UsageError
 from .inputs import InputSpec, example_tensors
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
+EXPORT_FORMAT = "onnx"  # the format a model is exported to (its adapter only reads)
 # protobuf cannot serialise a message over 2 GiB; keep headroom for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 EXPORTER_KEY = "nnconv.onnx.exporter"

@@ -365,8 +365,8 @@ def _remedy(missing: list[str], state: dict, files: dict, notes: list[str]) -> s
         return f"the file holds {other} as {files[other].dtype}: convert the module first"
     hint = "".join(f"{n}; " for n in notes if "failed" in n or "folded" in n)
     return hint + (
-        "re-export without constant folding (do_constant_folding=False; dynamo: "
-        "optimize=False), or allow missing keys"
+        "export again without --optimize (nnconv exports unoptimised by default), "
+        "or pass --allow-missing to leave these keys out"
     )
 
 

@@ -22,7 +22,7 @@ from .options import DEFAULT_OPTIONS, WriteOptions
 
 NAME = "onnx"
 EXTENSIONS = (".onnx",)
-DESCRIPTION = "ONNX model initializers, inline or external data (read-only)"
+DESCRIPTION = "ONNX model initializers, inline or external data (written by exporting a model)"
 CAN_WRITE = False
 FEATURES = "graph initializers by name; metadata_props; external data confined to the folder"
 

@@ -95,7 +95,7 @@ def _check_folder(path: Path) -> None:
     shown = "; ".join(f"{fmt}: {', '.join(names[:5])}" for fmt, names in found.items())
     raise FormatError(
         path,
-        "this folder is not one checkpoint: "
+        "is a folder (directory) but not one checkpoint: "
         + (f"it holds {shown}" if found else "it holds no weight files")
         + f" and no {sharding.INDEX_NAME}",
         remedy="name the file to read",

@@ -117,7 +117,7 @@ def _check_entries(path: Path, header: dict, data_size: int) -> None:
         if not isinstance(entry, dict):
             raise FormatError(path, f"tensor {name!r}: header entry is not an object")
         code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if code not in dtypes.BY_SAFETENSORS:
+        if not isinstance(code, str) or code not in dtypes.BY_SAFETENSORS:
             raise FormatError(path, f"tensor {name!r}: unknown dtype {code!r}")
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise FormatError(path, f"tensor {name!r}: invalid shape {shape!r}")

@@ -114,3 +114,28 @@ def test_a_folder_is_a_checkpoint_only_when_it_is_one(tmp_path):
     assert run.rc == 0 and "Tensors:     4" in run.stdout, run.stderr
     (hf / "pytorch_model.bin").write_bytes(MLP.read_bytes())
     assert "pytorch_model.bin" in nnconv("inspect", hf).assert_refused(hf)
+
+
+def test_help_and_formats_tell_about_onnx():
+    assert "ONNX" in nnconv("--help").stdout
+    assert "ONNX exporter" in nnconv("convert", "--help").stdout
+    onnx_line = next(ln for ln in nnconv("formats").stdout.splitlines() if ln.startswith("onnx"))
+    assert "read, export" in onnx_line
+
+
+def test_onnx_messages_speak_nnconv_flags_and_count_honestly():
+    from nnconv.converter.cli import _summary
+    from nnconv.converter.convert import ConvertResult
+    from nnconv.converter.onnx_import import MappingRow, _remedy
+
+    remedy = _remedy([], {}, {}, [])
+    assert "--optimize" in remedy and "--allow-missing" in remedy
+    assert "do_constant_folding" not in remedy
+    rows = [
+        MappingRow("fc.weight", "val_3", "value", "transposed"),
+        MappingRow("bn.num_batches_tracked", None, "module default", "identity"),
+    ]
+    result = ConvertResult("m.onnx", "m.safetensors", "onnx", "safetensors", 2, 0, 8, None,
+                           "spec", mapping=rows)  # fmt: skip
+    line = _summary(result)
+    assert "1 names mapped back, 1 from the model's defaults" in line, line
