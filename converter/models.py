@@ -345,12 +345,9 @@ def load_model(
             sd, selection = select_state_dict(weights, module, key=key)
             load_weights(module, sd, example_inputs=example_inputs, subject=subject)
             return LoadedModel(module, "spec", selection)
-        if kind == "checkpoint" and value.format == pt_format.NAME and value.source:
-            scripted = is_torchscript(value.source)  # its weights read, its code never run
-        else:
-            scripted = False
-        if scripted:
-            raise trust.refuse(subject, "running a TorchScript archive runs the code it holds")
+        source = value.source if kind == "checkpoint" and value.format == pt_format.NAME else None
+        if source and is_torchscript(source):  # weights read so far; running it needs trust
+            return LoadedModel(load_torchscript(source, trust_code=trust_code), "torchscript")
         text = value.metadata.get(arch.ARCHITECTURE_KEY) if kind == "checkpoint" else None
         if text is None:
             raise UsageError(
