@@ -147,14 +147,9 @@ def _member_bytes(path: Path, members: dict[str, torchzip.Record], name: str) ->
     try:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as heads:
             torchzip.check_local_names(str(path), heads, members)
-            start = torchzip.data_offset(str(path), heads, members[name])
-            raw = heads[start : start + record.csize]
-        data = raw if record.stored else zlib.decompressobj(-15).decompress(raw, record.size)
-    except (OSError, ValueError, zlib.error) as exc:
+            return torchzip.member_bytes(str(path), heads, record, limit=record.size)
+    except (OSError, ValueError) as exc:
         raise FormatError(path, f"corrupt or truncated torch zip archive: {exc}") from None
-    if len(data) != record.size:
-        raise FormatError(path, f"record {record.name!r} holds fewer bytes than it claims")
-    return data
 
 
 def _check_records(path: Path, members: dict[str, torchzip.Record]) -> None:

@@ -17,10 +17,8 @@ import io
 import mmap
 import re
 import warnings
-import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
-from contextlib import closing
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -113,11 +111,11 @@ class _Unpickler(torchpickle._Unpickler):
 
 
 class _Archive:
-    """The archive's members as bytes, each checked to lie inside the file."""
+    """The archive's members as bytes (:func:`torchzip.member_bytes`: bounded, inside the
+    file, deflated ``code/`` records inflated)."""
 
     def __init__(self, path: str, members: dict[str, torchzip.Record], heads: mmap.mmap) -> None:
         self.path, self.members, self.heads = path, members, heads
-        self._zip: zipfile.ZipFile | None = None
         pickles = [n for n in self.members if n.count("/") == 1 and n.endswith("/data.pkl")]
         if len(pickles) != 1:
             raise FormatError(path, f"TorchScript archive holds {len(pickles)} data.pkl records")
@@ -128,37 +126,9 @@ class _Archive:
         record = self.members.get(self.prefix + name)
         if record is None:
             raise FormatError(self.path, f"TorchScript archive has no {name!r} record")
-        if not record.stored:
-            return self._inflate(record)
-        start = torchzip.data_offset(self.path, self.heads, record)
-        return self.heads[start : start + record.size]
-
-    def _inflate(self, record: torchzip.Record) -> bytes:
-        """A deflated record (torch.jit.save deflates ``code/``), through zipfile once its
-        sizes are bounded: zipfile would allocate whatever a record claims."""
-        try:
-            if self._zip is None:
-                self._zip = zipfile.ZipFile(self.path)
-            info = self._zip.getinfo(record.name)
-            limit = min(MAX_RECORD, pt_format.DEFLATE_MAX_RATIO * info.compress_size)
-            if (
-                info.compress_type != zipfile.ZIP_DEFLATED
-                or info.file_size > limit
-                or info.header_offset + info.compress_size > len(self.heads)
-            ):
-                raise FormatError(
-                    self.path,
-                    f"record {record.name!r} claims {info.file_size} bytes compressed in "
-                    f"{info.compress_size}, method {info.compress_type}",
-                    limit=limit,
-                )
-            return self._zip.read(info)
-        except (KeyError, *pt_format.ZIP_ERRORS) as exc:
-            raise FormatError(self.path, f"corrupt record {record.name!r}: {exc}") from None
-
-    def close(self) -> None:
-        if self._zip is not None:
-            self._zip.close()
+        # torch.jit.save deflates code/; a record may not claim more than deflate can give
+        limit = min(MAX_RECORD, pt_format.DEFLATE_MAX_RATIO * record.csize)
+        return torchzip.member_bytes(self.path, self.heads, record, limit=limit)
 
     def classes(self, module: str, name: str) -> ClassInfo:
         """A ``__torch__`` class from its source in ``code/``, parsed as text."""
@@ -240,11 +210,8 @@ def _state_dict(path: str, root: Any) -> list[tuple[str, torchpickle.TensorRef]]
 @paused_gc()
 def _read(path: str) -> Checkpoint:
     members = torchzip.members(Path(path))  # a FormatError for anything but a zip
-    with (
-        open(path, "rb") as fh,
-        mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as heads,
-        closing(_Archive(path, members, heads)) as archive,
-    ):
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as heads:
+        archive = _Archive(path, members, heads)
         order = archive.prefix + "byteorder"
         if order in members and archive.member("byteorder") != b"little":
             raise Refused("big-endian tensors")
@@ -317,10 +284,6 @@ def _load_trusted(path: Path) -> Checkpoint:
 def globals_in(path: Path) -> list[str]:
     """The globals ``data.pkl`` references (opcode walk, nothing unpickled)."""
     members = torchzip.members(Path(path))
-    with (
-        open(path, "rb") as fh,
-        mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as heads,
-        closing(_Archive(str(path), members, heads)) as archive,
-    ):
-        data = archive.member("data.pkl")
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as heads:
+        data = _Archive(str(path), members, heads).member("data.pkl")
     return pickle_gate.scan_bytes(str(path), data)

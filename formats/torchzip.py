@@ -225,6 +225,26 @@ def data_offset(path: str, heads, record: Record) -> int:
     return start
 
 
+def member_bytes(path: str, heads, record: Record, *, limit: int) -> bytes:
+    """A member's bytes from the mapped archive, inflated when deflated, never more than
+    ``limit`` bytes (what its record claims is checked, and the output capped)."""
+
+    def bad(problem: str) -> FormatError:
+        return FormatError(path, f"record {record.name!r} {problem}", limit=limit)
+
+    if record.size > limit or record.method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise bad(f"claims {record.size} bytes in {record.csize}, method {record.method}")
+    start = data_offset(path, heads, record)
+    raw = heads[start : start + (record.size if record.stored else record.csize)]
+    try:
+        data = raw if record.stored else zlib.decompressobj(-15).decompress(raw, record.size)
+    except zlib.error as exc:
+        raise bad(f"is corrupt: {exc}") from None
+    if len(data) != record.size:
+        raise bad("holds fewer bytes than it claims")
+    return data
+
+
 @dataclass
 class _Entry:
     name: bytes
