@@ -1,84 +1,15 @@
-"""Summaries (medians, same-round ratios, targets) and the markdown table of a run."""
+"""The machine's description and the markdown table and PASS/FAIL lines of a paired run."""
 
 from __future__ import annotations
 
 import os
 import platform
-import statistics
 import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from measure import Route, Run
-
 HERE = Path(__file__).resolve().parent
 MIB = 1024 * 1024
-TARGET_LABELS = {
-    "x_cp": "≤{:g}× cp",
-    "anon": "anon ≤{:g} MiB",
-    "x_sha256": "≤{:g}× sha256",
-    "anon_largest": "anon ≤{:.0f} MiB (256 + largest)",
-    "us": "≤{:g} µs/tensor",
-}
-
-
-def median_or_none(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def summarize(rs: list[Route], runs: dict[str, list[Run]], info: dict) -> dict:
-    """Per route: medians over rounds, ratios taken within a round, peaks over rounds, targets."""
-
-    def ratios(name: str, base: str) -> list[float]:
-        return [
-            r.seconds / b.seconds
-            for r, b in zip(runs[name], runs[base], strict=True)
-            if r.ok and b.ok and b.seconds > 0
-        ]
-
-    out: dict[str, dict] = {}
-    for route in rs:
-        rr = runs[route.name]
-        failed = [r.error for r in rr if not r.ok]
-        s = {
-            "argv": route.argv,
-            "ok": not failed,
-            "errors": failed,
-            "rounds": [vars(r) for r in rr],
-            "median_s": None if failed else median_or_none([r.seconds for r in rr]),
-            "median_x_cp": None if failed else median_or_none(ratios(route.name, "cp")),
-            "peak_anon_mib": max(r.anon_kib for r in rr) / 1024,
-            "peak_file_mib": max(r.file_kib for r in rr) / 1024,
-        }
-        if route.name.startswith("verify"):
-            s["median_x_sha256"] = (
-                None if failed else median_or_none(ratios(route.name, "sha256 src.pt"))
-            )
-        if route.name.startswith("small"):
-            one = runs[route.name.replace("small", "one", 1)]
-            per = [
-                (a.seconds - b.seconds) / info["small_tensors"] * 1e6
-                for a, b in zip(rr, one, strict=True)
-                if a.ok and b.ok
-            ]
-            s["us_per_tensor"] = None if failed else median_or_none(per)
-        s["targets"] = [check(kind, limit, s, info) for kind, limit in route.targets]
-        out[route.name] = s
-    return out
-
-
-def check(kind: str, limit: float, s: dict, info: dict) -> dict:
-    value = {
-        "x_cp": s["median_x_cp"],
-        "anon": s["peak_anon_mib"],
-        "us": s.get("us_per_tensor"),
-        "x_sha256": s.get("median_x_sha256"),
-        "anon_largest": s["peak_anon_mib"],
-    }[kind]
-    bound = limit + (info["largest_tensor_bytes"] / MIB if kind == "anon_largest" else 0)
-    ok = s["ok"] and value is not None and value <= bound
-    label = TARGET_LABELS[kind].format(limit if kind != "anon_largest" else bound)
-    return {"target": label, "limit": bound, "value": value, "pass": ok}
 
 
 def machine() -> dict:
@@ -110,38 +41,73 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def fmt_spread(d: dict | None, spec: str = ".2f", unit: str = "×") -> str:
+    """``1.05× (0.98–1.20)``: median of paired ratios (min–max)."""
+    if d is None:
+        return "-"
+    return f"{d['median']:{spec}}{unit} ({d['min']:{spec}}–{d['max']:{spec}})"
+
+
 def render(result: dict) -> str:
-    m, d = result["machine"], result["dataset"]
+    m, d, c = result["machine"], result["dataset"], result["config"]
     lines = [
         f"machine: {m['cpus']} cores ({m['cpus_usable']} usable), {m['ram_gib']} GiB RAM, "
         f"Python {m['python']}, torch {m['versions']['torch']}, "
         f"nnconv {m['versions']['nnconv']} ({m['git_commit'][:10]})",
         f"src.pt: {d['src_pt_bytes'] / MIB:.1f} MiB, {d['tensors']} tensors "
         f"({d['bfloat16_tensors']} bfloat16), largest {d['largest_tensor_bytes'] / MIB:.1f} "
-        f"MiB; small case {d['small_tensors']} tensors; rounds {result['config']['rounds']}",
+        f"MiB; small case {d['small_tensors']} tensors; {c['pairs']} pairs per route"
+        f"{', after a warm-up pair' if c['warmup'] else ''}",
         "",
-        "| route | median s | × cp | peak anon MiB | peak file MiB | note |",
-        "|---|---:|---:|---:|---:|---|",
+        "| route | yardstick | nnconv s | yardstick s | wall ×, median of pairs (min–max) "
+        "| CPU × (min–max) | nnconv CPU s | peak anon MiB |",
+        "|---|---|---:|---:|---|---|---:|---:|",
     ]
-    for name, s in result["routes"].items():
+    for s in result["routes"]:
+        w, cpu = s["wall_s"], s["cpu_s"]
         if not s["ok"]:
-            note = "FAILED: " + s["errors"][0]
+            lines.append(f"| {s['route']} | {s['yardstick']} | FAILED: {s['errors'][0]} |||||")
+            continue
+        cpu_x = fmt_spread(s["x_cpu"])
+        if s["kind"] == "us":
+            wall_x = fmt_spread(s["us_per_tensor"], ".1f", " µs/tensor")
+            cpu_x = fmt_spread(s["cpu_us_per_tensor"], ".1f", " µs/tensor")
+        elif s["kind"] == "per_tensor":
+            wall_x = fmt_spread(s["x_wall"]) + " per tensor"
         else:
-            note = "; ".join(
-                f"{t['target']} {fmt(t['value'], '.2f')}: {'PASS' if t['pass'] else 'FAIL'}"
-                for t in s["targets"]
-            )
+            wall_x = fmt_spread(s["x_wall"])
         lines.append(
-            f"| {name} | {fmt(s['median_s'], '.3f')} | {fmt(s['median_x_cp'], '.2f')} "
-            f"| {s['peak_anon_mib']:.0f} | {s['peak_file_mib']:.0f} | {note} |"
+            f"| {s['route']} | {s['yardstick']} | {fmt(w['a'] and w['a']['median'], '.3f')} "
+            f"| {fmt(w['b'] and w['b']['median'], '.3f')} | {wall_x} | {cpu_x} "
+            f"| {fmt(cpu['a'] and cpu['a']['median'], '.2f')} | {s['peak_anon_mib']:.0f} |"
         )
     lines.append("")
-    for name, s in result["routes"].items():
-        if "us_per_tensor" in s:
+    for s in result["routes"]:
+        if s["kind"] == "per_tensor" and s["ok"]:
             lines.append(
-                f"{name}: {fmt(s['us_per_tensor'], '.1f')} µs/tensor "
-                f"(minus the 1-tensor run, over {d['small_tensors']} tensors)"
+                f"{s['route']}: {fmt_spread(s['us_per_tensor'], '.1f', ' µs')} per tensor "
+                f"(CPU {fmt_spread(s['cpu_us_per_tensor'], '.1f', ' µs')}), "
+                f"{s['yardstick']} {fmt_spread(s['yardstick_us_per_tensor'], '.1f', ' µs')} "
+                f"(each minus its one-tensor run); whole process "
+                f"{fmt_spread(s['x_wall_whole'])}"
             )
-        if "median_x_sha256" in s:
-            lines.append(f"{name}: {fmt(s['median_x_sha256'], '.2f')}× sha256 of src.pt")
+    lines.append("")
+    lines += goal_lines(result)
     return "\n".join(lines)
+
+
+def goal_lines(result: dict) -> list[str]:
+    """One PASS/FAIL line per goal."""
+    out = []
+    for s in result["routes"]:
+        for t in s["targets"]:
+            if t["kind"] in ("x", "x_tensor"):
+                value = fmt_spread(s["x_wall"])
+            elif t["kind"] == "us":
+                value = fmt_spread(s["us_per_tensor"], ".1f", " µs")
+            else:
+                value = f"{fmt(t['value'], '.0f')} MiB"
+            verdict = "PASS" if t["pass"] else "FAIL"
+            why = "" if s["ok"] else f" ({s['errors'][0]})"
+            out.append(f"{verdict}  {s['route']}: {t['target']}: {value}{why}")
+    return out

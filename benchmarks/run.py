@@ -1,8 +1,9 @@
-"""Speed and memory benchmark of nnconv's conversions against `cp` and a naive script.
+"""Speed and memory benchmark of nnconv's conversions, each paired with its yardstick.
 
-Every route runs as its own process; wall time and the peak resident memory of the process tree
-(anonymous and file-backed, sampled from /proc every ~5 ms) are recorded.  Routes alternate round
-by round, so each ratio to `cp` compares runs of the same round.  See benchmarks/README.md.
+Every command runs as its own process; wall time, CPU time (user + sys of the process tree) and
+the peak resident memory of the tree (anonymous and file-backed, sampled from /proc every ~5 ms)
+are recorded.  Each route alternates with its yardstick (A B A B ...) and the median of the
+per-pair ratios is reported, with min and max.  See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -18,8 +20,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from measure import SAMPLE_S, Route, Run, run_route
-from report import machine, render, summarize
+from measure import SAMPLE_S, run_command
+from pairing import Pair, run_pairs, summarize
+from report import machine, render
 from safetensors.torch import save_file
 
 from nnconv.formats import NnconvError, sharding
@@ -35,6 +38,23 @@ SHA256 = (
     "    for block in iter(lambda: f.read(16 << 20), b''):\n        h.update(block)\n"
     "print(h.hexdigest())\n"
 )
+# The yardstick of HDF5 per tensor: what a user's script (or Keras) does with h5py, into
+# nnconv's layout (a group per dotted level, link and attribute order tracked).
+H5PY_LOOP = """\
+import sys, h5py
+from safetensors.numpy import load_file
+with h5py.File(sys.argv[2], "w", track_order=True) as f:
+    groups = {"": f}
+    def group(path):
+        g = groups.get(path)
+        if g is None:
+            up, _, leaf = path.rpartition("/")
+            g = groups[path] = group(up).create_group(leaf, track_order=True)
+        return g
+    for name, value in load_file(sys.argv[1]).items():
+        parent, _, leaf = name.replace(".", "/").rpartition("/")
+        group(parent).create_dataset(leaf, data=value)
+"""
 
 
 def parse_size(text: str) -> int:
@@ -130,7 +150,9 @@ def prepare(work: Path, size: int, count: int, nn: list[str]) -> dict:
 
 
 # ----------------------------------------------------------------------------- routes
-def routes(work: Path, out: Path, nn: list[str], size: int) -> list[Route]:
+def pairs_of(work: Path, out: Path, nn: list[str], size: int) -> list[Pair]:
+    """Every route with its yardstick: `cp` of its input for byte routes, sha256 for verify,
+    the one-tensor run for the small pt route, a plain h5py loop for small HDF5 writes."""
     w = {
         n: str(work / n)
         for n in (
@@ -144,63 +166,114 @@ def routes(work: Path, out: Path, nn: list[str], size: int) -> list[Route]:
         )
     }
     conv = [*nn, "convert"]
-    io = [("x_cp", 1.3), ("anon", 256)]
-    small = [("us", 20)]
+
+    def cp(src: str) -> tuple[str, list[str]]:
+        return f"cp {src}", ["cp", w[src], str(out / "cp.out")]
+
+    io = [("x", 1.3), ("anon", 256)]
+    sharded = ["--to", "safetensors", "--shard-size", f"{size // 4}B"]
     return [
-        Route("cp", ["cp", w["src.pt"], str(out / "out.pt")]),
-        Route(
-            "naive torch.load+save_file",
-            [sys.executable, "-c", NAIVE, w["src.pt"], str(out / "out.safetensors")],
-        ),
-        Route(
+        Pair(
             "pt→safetensors",
             [*conv, w["src.pt"], str(out / "out.safetensors")],
-            [("x_cp", 1.15), ("anon", 256)],
+            *cp("src.pt"),
+            [("x", 1.15), ("anon", 256)],
         ),
-        Route(
+        Pair(
             "safetensors→pt",
             [*conv, w["src.safetensors"], str(out / "out.pt")],
-            [("x_cp", 2.0), ("anon", 256)],
+            *cp("src.safetensors"),
+            [("x", 2.0), ("anon", 256)],
         ),
-        Route("safetensors→hdf5", [*conv, w["src.safetensors"], str(out / "out.h5")], io),
-        Route("hdf5→safetensors", [*conv, w["src.h5"], str(out / "out.safetensors")], io),
-        Route(
-            "pt→sharded safetensors",
-            [
-                *conv,
-                w["src.pt"],
-                str(out / "sharded"),
-                "--to",
-                "safetensors",
-                "--shard-size",
-                f"{size // 4}B",
-            ],
+        Pair(
+            "safetensors→hdf5",
+            [*conv, w["src.safetensors"], str(out / "out.h5")],
+            *cp("src.safetensors"),
             io,
         ),
-        Route(
+        Pair(
+            "hdf5→safetensors",
+            [*conv, w["src.h5"], str(out / "out.safetensors")],
+            *cp("src.h5"),
+            io,
+        ),
+        Pair(
+            "pt→sharded safetensors",
+            [*conv, w["src.pt"], str(out / "sharded"), *sharded],
+            *cp("src.pt"),
+            io,
+        ),
+        Pair(
             "pt→safetensors --dtype bfloat16",
             [*conv, w["src.pt"], str(out / "bf16.safetensors"), "--dtype", "bfloat16"],
+            *cp("src.pt"),
             [("anon_largest", 256)],
         ),
-        Route("sha256 src.pt", [sys.executable, "-c", SHA256, w["src.pt"]]),
-        Route(
+        Pair(
+            "naive torch.load+save_file",
+            [sys.executable, "-c", NAIVE, w["src.pt"], str(out / "out.safetensors")],
+            *cp("src.pt"),
+        ),
+        Pair(
             "verify pt vs safetensors",
             [*nn, "verify", w["src.pt"], w["src.safetensors"]],
-            [("x_sha256", 0.5), ("anon", 256)],
+            "sha256 src.pt",
+            [sys.executable, "-c", SHA256, w["src.pt"]],
+            [("x", 0.5), ("anon", 256)],
         ),
-        Route("small pt→safetensors", [*conv, w["small.pt"], str(out / "s.safetensors")], small),
-        Route("one pt→safetensors", [*conv, w["one.pt"], str(out / "s.safetensors")]),
-        Route("small safetensors→hdf5", [*conv, w["small.safetensors"], str(out / "s.h5")], small),
-        Route("one safetensors→hdf5", [*conv, w["one.safetensors"], str(out / "s.h5")]),
+        Pair(
+            "small pt→safetensors",
+            [*conv, w["small.pt"], str(out / "s.safetensors")],
+            "one pt→safetensors",
+            [*conv, w["one.pt"], str(out / "s.safetensors")],
+            [("us", 20)],
+            kind="us",
+        ),
+        Pair(
+            "small safetensors→hdf5",
+            [*conv, w["small.safetensors"], str(out / "s.h5")],
+            "h5py loop",
+            [sys.executable, "-c", H5PY_LOOP, w["small.safetensors"], str(out / "y.h5")],
+            [("x_tensor", 1.0)],
+            kind="per_tensor",
+            a_one=[*conv, w["one.safetensors"], str(out / "s.h5")],
+            b_one=[sys.executable, "-c", H5PY_LOOP, w["one.safetensors"], str(out / "y.h5")],
+        ),
     ]
+
+
+def against(pair: Pair, other: Path) -> Pair:
+    """The pair with the same nnconv commands, run from another build, as its yardstick."""
+
+    def old(argv: list[str] | None) -> list[str] | None:
+        return argv and ["env", f"PYTHONPATH={other}", *argv]
+
+    yard = f"build {other}"
+    if pair.kind == "per_tensor":
+        return Pair(
+            pair.name, pair.a, yard, old(pair.a), [], "per_tensor", pair.a_one, old(pair.a_one)
+        )
+    return Pair(pair.name, pair.a, yard, old(pair.a), [], "ratio")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--size", type=parse_size, help="checkpoint size (default 4GB; quick 64MB)")
-    ap.add_argument("--rounds", type=int, help="timed rounds (default 3; quick 1)")
+    ap.add_argument("--size", type=parse_size, help="checkpoint size (default 2GiB; quick 64MB)")
+    ap.add_argument("--pairs", type=int, help="timed pairs per route (default 5; quick 1)")
     ap.add_argument("--small-count", type=int, help="many-tensor case (50000; quick 5000)")
-    ap.add_argument("--quick", action="store_true", help="small size, 1 round, no warm-up")
+    ap.add_argument("--quick", action="store_true", help="small sizes, 1 pair, no warm-up pair")
+    ap.add_argument(
+        "--only", action="append", default=[], help="a route (its name, or a word of it)"
+    )
+    ap.add_argument(
+        "--inputs", type=Path, help="reuse the inputs of an earlier --keep run (its run-* folder)"
+    )
+    ap.add_argument(
+        "--against",
+        type=Path,
+        help="yardstick: the same nnconv commands run with PYTHONPATH=AGAINST (another build, "
+        "e.g. git archive HEAD converter formats unpacked under AGAINST/nnconv)",
+    )
     ap.add_argument(
         "--workdir",
         type=Path,
@@ -209,46 +282,61 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--json", type=Path, default=HERE / "results.json")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds per route run")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per command")
     a = ap.parse_args(argv)
-    size = a.size or (64 * 10**6 if a.quick else 4 * 10**9)
-    rounds = a.rounds or (1 if a.quick else 3)
+    size = a.size or (64 * 10**6 if a.quick else 2 << 30)
+    npairs = a.pairs or (1 if a.quick else 5)
     count = a.small_count or (5000 if a.quick else 50000)
     base_existed = a.workdir.exists()
-    a.workdir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="run-", dir=a.workdir)).resolve()
+    if a.inputs:
+        work = a.inputs.resolve()
+        info = json.loads((work / "dataset.json").read_text())
+        size, count, a.keep = info["size"], info["small_tensors"], True
+    else:
+        a.workdir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="run-", dir=a.workdir)).resolve()
     try:
         nn = nnconv_cli()
-        print(f"generating {size / 1e6:.0f} MB in {work} ...", file=sys.stderr)
-        info = prepare(work, size, count, nn)
+        if not a.inputs:
+            print(f"generating {size / 1e6:.0f} MB in {work} ...", file=sys.stderr)
+            info = prepare(work, size, count, nn) | {"size": size}
+            (work / "dataset.json").write_text(json.dumps(info) + "\n")
         out = work / "out"
+        shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
-        rs = routes(work, out, nn, size)
-        runs: dict[str, list[Run]] = {r.name: [] for r in rs}
-        for rnd in range(1 if a.quick else 0, rounds + 1):  # 0: warm-up (not with --quick)
-            label = "warm-up" if rnd == 0 else f"round {rnd}/{rounds}"
-            for route in rs:
-                run = run_route(route, out, work / "route.log", a.timeout)
-                print(
-                    f"{label}: {route.name}: {run.seconds:.3f} s"
-                    f"{'' if run.ok else '  ' + run.error}",
-                    file=sys.stderr,
-                )
-                if rnd > 0:
-                    runs[route.name].append(run)
+        log = work / "route.log"
+        summaries = []
+        rs = pairs_of(work, out, nn, size)
+        if a.against:
+            rs = [against(p, a.against.resolve()) for p in rs if not p.name.startswith("naive")]
+        for pair in rs:
+            if a.only and not any(o == pair.name or o in pair.name.split() for o in a.only):
+                continue
+            runs = run_pairs(
+                pair,
+                npairs,
+                lambda argv: run_command(argv, out, log, a.timeout),
+                warmup=not a.quick,
+                log=lambda line: print(line, file=sys.stderr, flush=True),
+            )
+            summaries.append(summarize(pair, runs, count, info["largest_tensor_bytes"]))
         result = {
             "machine": machine(),
             "dataset": info,
             "config": {
                 "size": size,
-                "rounds": rounds,
+                "pairs": npairs,
                 "quick": a.quick,
                 "warmup": not a.quick,
+                "method": "A B A B per route, sync + inputs read before each run, "
+                "median of per-pair ratios",
                 "sample_interval_s": SAMPLE_S,
                 "workdir": str(work),
                 "nnconv_cli": nn,
+                "pythonpath": os.environ.get("PYTHONPATH"),
+                "against": str(a.against) if a.against else None,
             },
-            "routes": summarize(rs, runs, info),
+            "routes": summaries,
         }
     finally:
         if not a.keep:

@@ -1,23 +1,26 @@
-"""nnconv.converter: the upper layer. Conversion, inspection and the CLI, built on
-``nnconv.formats``.
+"""nnconv.converter: the upper layer. Conversion, verification, inspection and the CLI,
+built on ``nnconv.formats``.
 
->>> from nnconv.converter import convert, inspect, load, save, verify
+The three calls live in modules of their own names (``nnconv.converter.convert``,
+``.verify``, ``.inspect``), which this package does not shadow; the public functions
+are gathered in ``nnconv`` itself::
+
+    >>> import nnconv
+    >>> nnconv.convert, nnconv.verify, nnconv.inspect, nnconv.load, nnconv.save
 """
 
 from nnconv.formats.errors import NnconvError
 
-from .convert import ConvertResult, convert, load, save
-from .inspect import inspect
+from .convert import ConvertResult, OnnxOptions, load, save
+from .inspect import InspectReport
 from .report import VerifyReport
-from .verify import verify
 
 __all__ = [
     "ConvertResult",
+    "InspectReport",
     "NnconvError",
+    "OnnxOptions",
     "VerifyReport",
-    "convert",
-    "inspect",
     "load",
     "save",
-    "verify",
 ]

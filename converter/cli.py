@@ -54,7 +54,7 @@ class _Group(click.Group):
                 sys.exit(0)
             _fail(exc.format_message().replace("\n", " "))
         except NnconvError as exc:
-            _fail(str(exc).replace("\n", " "))
+            _fail(exc.cli_message().replace("\n", " "))
         except KeyboardInterrupt:
             _fail("interrupted")
         except Exception as exc:  # a bug or an unexpected library failure: still one line
@@ -69,7 +69,7 @@ def _size(ctx, param, value):
     try:
         return None if value is None else sharding.parse_size(value)
     except NnconvError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise click.BadParameter(exc.cli_message()) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,6 +77,15 @@ def _size(ctx, param, value):
 def cli() -> None:
     """Convert model weights between PyTorch, safetensors, HDF5 and ONNX, losslessly, and
     verify that files hold the same model."""
+
+
+def _tolerance_options(command):
+    """``--atol``/``--rtol``, the same on ``verify`` and ``convert --verify``."""
+    for flag, kind, letter in (("--rtol", "Relative", "Y"), ("--atol", "Absolute", "X")):
+        command = click.option(
+            flag, multiple=True, help=f"{kind} tolerance {letter} or NAME:{letter} (repeatable)."
+        )(command)
+    return command
 
 
 @cli.command()
@@ -95,6 +104,12 @@ def cli() -> None:
 @click.option("--key", help="Where the state_dict sits in a training checkpoint, e.g. model.")
 @click.option("--input-shape", "input_shapes", multiple=True, help="Example input, e.g. 2,20.")
 @click.option("--input-dtype", help="dtype of the example inputs (default float32).")
+@click.option(
+    "--input",
+    "named_inputs",
+    multiple=True,
+    help="Named input NAME=SHAPE[:DTYPE], passed by keyword (repeatable).",
+)
 @click.option("--opset", type=int, help="ONNX opset version (default: the exporter's).")
 @click.option("--static-batch", is_flag=True, help="ONNX: fix the batch dimension.")
 @click.option(
@@ -109,6 +124,7 @@ def cli() -> None:
 @click.option(
     "--verify", "then_verify", is_flag=True, help="Verify DST against SRC (exit 1 if they differ)."
 )
+@_tolerance_options
 def convert(
     src,
     dst,
@@ -125,12 +141,15 @@ def convert(
     key,
     input_shapes,
     input_dtype,
+    named_inputs,
     opset,
     static_batch,
     exporter,
     optimize,
     allow_missing,
     then_verify,
+    atol,
+    rtol,
 ):
     """Convert SRC into DST (format from --to, else from DST's extension).
 
@@ -140,9 +159,12 @@ def convert(
     from .convert import OnnxOptions
     from .convert import convert as run_convert
 
+    if (atol or rtol) and not then_verify:
+        raise click.UsageError("--atol and --rtol apply with --verify")
+
     onnx = OnnxOptions(
         opset=opset,
-        static_batch=static_batch,
+        dynamic_batch=not static_batch,
         exporter=exporter,
         optimize=optimize,
         allow_missing=allow_missing,
@@ -165,6 +187,7 @@ def convert(
             key=key,
             input_shapes=input_shapes,
             input_dtype=input_dtype,
+            named_inputs=named_inputs,
             onnx=onnx,
             progress=bar.update if bar else None,
         )
@@ -189,6 +212,9 @@ def convert(
             key=key,
             input_shapes=input_shapes,
             input_dtype=input_dtype,
+            named_inputs=named_inputs,
+            atol=atol,
+            rtol=rtol,
             trust_code=trust_code,
             progress=_progress_lines(),
         )
@@ -230,14 +256,22 @@ def _summary(result) -> str:
 @click.option("--key", help="Where the state_dict sits in a training checkpoint.")
 @click.option("--input-shape", "input_shapes", multiple=True, help="Example input, e.g. 2,20.")
 @click.option("--input-dtype", help="dtype of the random inputs (default float32).")
+@click.option(
+    "--input",
+    "named_inputs",
+    multiple=True,
+    help="Named input NAME=SHAPE[:DTYPE], passed by keyword (repeatable).",
+)
 @click.option("--inputs", "inputs_file", help="Inputs file: .npz, .pt or .safetensors.")
 @click.option(
     "--device", type=click.Choice(["cpu", "cuda", "all"]), default="cpu", show_default=True
 )
-@click.option("--atol", multiple=True, help="Absolute tolerance X or NAME:X (repeatable).")
-@click.option("--rtol", multiple=True, help="Relative tolerance Y or NAME:Y (repeatable).")
+@_tolerance_options
 @click.option("--params-only", is_flag=True, help="Compare parameters only.")
 @click.option("--outputs-only", is_flag=True, help="Compare forward outputs only.")
+@click.option(
+    "--strict", is_flag=True, help="Fail outputs that prove nothing (all zero, constant, tiny)."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random inputs.")
 @click.option("--json", "json_path", help="Write the JSON report to PATH (- for stdout).")
 @click.option("--save-golden", help="Store the inputs and reference outputs (.safetensors).")
@@ -252,12 +286,14 @@ def verify(
     key,
     input_shapes,
     input_dtype,
+    named_inputs,
     inputs_file,
     device,
     atol,
     rtol,
     params_only,
     outputs_only,
+    strict,
     seed,
     json_path,
     save_golden,
@@ -280,12 +316,14 @@ def verify(
         key=key,
         input_shapes=input_shapes,
         input_dtype=input_dtype,
+        named_inputs=named_inputs,
         inputs_file=inputs_file,
         device=device,
         atol=atol,
         rtol=rtol,
         params_only=params_only,
         outputs_only=outputs_only,
+        strict=strict,
         seed=seed,
         trust_code=trust_code,
         save_golden=save_golden,

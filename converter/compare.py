@@ -10,22 +10,18 @@ chunked, so memory stays bounded on 100 GB files.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import re
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 from nnconv.formats import dtypes, onnx_format
-from nnconv.formats.checkpoint import CAST_KEY, Checkpoint, tensor_bytes
+from nnconv.formats.checkpoint import CAST_KEY, Checkpoint
 from nnconv.formats.errors import UsageError
 from nnconv.formats.rawio import SpanReader
 
+from .alignment import NOT_A_PARAMETER, Pair, align, sharing, with_config_ties
 from .export import OPTIMIZED_KEY
-from .onnx_import import COUNTERS, MAPPING_KEY
 from .report import OutputCheck, TensorCheck
 from .tolerances import DEFAULTS, Tolerances, parse_tolerances  # noqa: F401  (re-exported)
 
@@ -36,7 +32,6 @@ ONNX = onnx_format.NAME
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 OUTPUT_FIELDS = {f.name for f in fields(OutputCheck)}
 CHUNK = 1 << 22  # elements per float64 pass: ~32 MB for each temporary
-WRAPPERS = re.compile(r"^(?:module\.|_orig_mod\.)+")  # DataParallel, torch.compile
 
 
 @dataclass
@@ -158,111 +153,6 @@ def bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(x[:whole].view(torch.int64), y[:whole].view(torch.int64))  # ~6x faster
 
 
-@dataclass(frozen=True)
-class Pair:
-    """A reference name and its candidate counterpart (None when one side lacks it)."""
-
-    ref: str | None
-    cand: str | None
-    how: str = "name"  # "name" | "mapping" | "prefix" | "value" | "value, transposed"
-    transform: str = "identity"  # what brings the candidate to the reference's layout
-    note: str | None = None
-
-
-def _mapping(ckpt: Checkpoint) -> dict[str, tuple[str, str]]:
-    """state_dict key -> (ONNX initializer, transform), as an ONNX import recorded it."""
-    try:
-        table = json.loads(ckpt.metadata.get(MAPPING_KEY, "{}"))
-        return {
-            k: (r["initializer"], r.get("transform", "identity"))
-            for k, r in table.items()
-            if isinstance(r, dict) and isinstance(r.get("initializer"), str)
-        }
-    except (ValueError, AttributeError):  # not JSON, or not a map of rows: no mapping
-        return {}
-
-
-def _digest(t: torch.Tensor) -> bytes:
-    return hashlib.blake2b(tensor_bytes(t), digest_size=16).digest()
-
-
-def align(ref: Checkpoint, cand: Checkpoint) -> list[Pair]:
-    """Pair canonical tensors by name, recorded ONNX mapping, wrapper prefix, then value."""
-    pairs: list[Pair] = []
-    ref_all, cand_all = set(ref.tensors) | set(ref.aliases), set(cand.tensors) | set(cand.aliases)
-    done_ref, done_cand = set(), set()  # canonical names already paired
-
-    def add(r: str, c: str, how: str, transform: str = "identity", note: str | None = None):
-        pairs.append(Pair(r, c, how, transform, note))
-        done_ref.add(ref.aliases.get(r, r))
-        done_cand.add(cand.aliases.get(c, c))
-
-    for name in ref.tensors:
-        if name in cand_all:
-            add(name, name, "name")
-    for name in cand.tensors:  # a name the reference has only as an alias: a split tie
-        if name not in done_cand and name in ref_all:
-            add(name, name, "name")
-    for key, (init, transform) in _mapping(cand).items():  # ONNX-named reference
-        if key in cand.tensors and key not in done_cand and init in ref_all:
-            add(init, key, "mapping", transform)
-    for key, (init, transform) in _mapping(ref).items():  # ONNX-named candidate
-        if key in ref.tensors and key not in done_ref and init in cand_all:
-            add(key, init, "mapping", transform)
-    stripped = {WRAPPERS.sub("", n): n for n in reversed(cand.tensors) if n not in done_cand}
-    for name in ref.tensors:
-        other = stripped.get(WRAPPERS.sub("", name))
-        if name not in done_ref and other is not None and other not in done_cand:
-            add(name, other, "prefix")
-    _align_values(ref, cand, done_ref, done_cand, add)
-    if ref.format == ONNX:  # the same the other way round: a merged reference
-        _align_values(cand, ref, done_cand, done_ref, lambda c, r, *rest: add(r, c, *rest))
-    order = {name: i for i, name in enumerate(ref.names())}
-    pairs.sort(key=lambda p: order.get(p.ref, len(order)))
-    left = [n for n in ref.tensors if n not in done_ref and not _dropped(n, cand)]
-    extra = [n for n in cand.tensors if n not in done_cand and not _dropped(n, ref)]
-    return pairs + [Pair(n, None, "") for n in left] + [Pair(None, n, "") for n in extra]
-
-
-def _dropped(name: str, other: Checkpoint) -> bool:
-    """A training counter (num_batches_tracked), which exporters drop: ONNX never holds it."""
-    return other.format == ONNX and name.rsplit(".", 1)[-1] in COUNTERS
-
-
-def _align_values(ref: Checkpoint, cand: Checkpoint, done_ref, done_cand, add) -> None:
-    """Match what is left by bit-identical values, or a 2-D transpose, via hashes."""
-    left = {n: t for n, t in ref.tensors.items() if n not in done_ref}
-    specs = {(t.dtype, t.shape) for t in left.values()}
-    merged = cand.format == ONNX  # exporters store equal initializers once, for many keys
-    offers: dict[tuple, list[tuple[str, str]]] = {}  # (dtype, shape, digest) -> (name, how)
-    for name, lazy in cand.tensors.items():
-        flip = lazy.shape[::-1] if len(lazy.shape) == 2 else None
-        kinds = {(lazy.dtype, lazy.shape), (lazy.dtype, flip)}
-        if name in done_cand and not merged or not kinds & specs:
-            continue
-        t = lazy.load()  # only tensors some reference tensor could match are read
-        offers.setdefault((lazy.dtype, lazy.shape, _digest(t)), []).append((name, "value"))
-        if flip is not None and (lazy.dtype, flip) in specs:
-            flipped = (lazy.dtype, flip, _digest(t.t()))
-            offers.setdefault(flipped, []).append((name, "value, transposed"))
-    offered = {key[:2] for key in offers}
-    wanted = {
-        n: (t.dtype, t.shape, _digest(t.load()))
-        for n, t in left.items()
-        if (t.dtype, t.shape) in offered
-    }
-    counts = Counter(wanted.values())
-    for name, key in wanted.items():
-        options = [o for o in offers.get(key, []) if o[0] not in done_cand]
-        many = max(counts[key], len(offers.get(key, ())))
-        note = None if many == 1 else f"ambiguous: matched in order among {many} equal tensors"
-        if not options and merged and key in offers:
-            options, note = offers[key][:1], "stored once for several tensors (merged by export)"
-        if options:
-            other, how = options[0]
-            add(name, other, how, "transposed" if how.endswith("transposed") else "identity", note)
-
-
 def _numbers(check: TensorCheck, stats: Stats) -> str:
     """Copy the statistics into ``check``; say them in words for its note."""
     check.max_abs, check.max_rel = stats.max_abs, stats.max_rel
@@ -297,6 +187,8 @@ def _check(
         note = f"not in the {'reference' if rl is None else 'candidate'}"
         if folded:  # an optimised export folds constants away (BatchNorm into Conv...)
             return done("transformed", True, f"{note}: folded by export? outputs decide")
+        if pair.how == NOT_A_PARAMETER:  # an ONNX-only constant: no parameter to compare
+            return done(NOT_A_PARAMETER, True)
         return done("unexpected" if rl is None else "missing", False, note)
     expected = rl.shape[:-2] + rl.shape[-2:][::-1] if pair.transform == "transposed" else rl.shape
     if cl.shape != expected and not (pair.transform == "reshaped" and cl.numel == rl.numel):
@@ -335,33 +227,12 @@ def _check(
     return done("different", False, note)
 
 
-def _sharing(ref: Checkpoint, cand: Checkpoint, pairs: list[Pair]) -> list[str]:
-    """Tied-weight groups that differ once names are aligned, both ways round."""
-    out = []
-    for one, other, here, there in (
-        (ref, cand, "reference", "candidate"),
-        (cand, ref, "candidate", "reference"),
-    ):
-        link = {p.ref: p.cand for p in pairs} if one is ref else {p.cand: p.ref for p in pairs}
-        names = {*other.tensors, *other.aliases}
-        stripped = {WRAPPERS.sub("", n): n for n in names}
-        for alias, target in one.aliases.items():  # where each name is in ``other``, if anywhere
-            found = (
-                link.get(n) or (n if n in names else stripped.get(WRAPPERS.sub("", n)))
-                for n in (alias, target)
-            )
-            a, t = (None if f is None else other.aliases.get(f, f) for f in found)
-            if a is None:
-                out.append(f"{alias} shares {target} in the {here} but is absent from the {there}")
-            elif t is not None and a != t:
-                out.append(f"{alias} shares {target} in the {here} but not in the {there}")
-    return out
-
-
 def compare_parameters(
     ref: Checkpoint, cand: Checkpoint, *, tolerances: Tolerances, progress: Progress | None = None
 ) -> tuple[list[TensorCheck], list[str]]:
-    """One TensorCheck per aligned pair, and the differences in tied-weight sharing."""
+    """One TensorCheck per aligned pair, and the differences in tied-weight sharing.
+    Ties the model's config declares (HF folders) count as aliases of either side."""
+    ref, cand = with_config_ties(ref), with_config_ties(cand)
     pairs = [
         (p, ref.lazy(p.ref).nbytes + cand.lazy(p.cand).nbytes if p.ref and p.cand else 0)
         for p in align(ref, cand)
@@ -373,7 +244,7 @@ def compare_parameters(
             done += size
             if progress is not None and size:
                 progress(done, total)
-    return checks, _sharing(ref, cand, [p for p, _ in pairs])
+    return checks, sharing(ref, cand, [p for p, _ in pairs])
 
 
 def compare_outputs(

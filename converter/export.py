@@ -17,6 +17,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -63,8 +64,13 @@ def export_onnx(
     force: bool = False,
     fsync: bool = False,
     metadata: dict[str, str] | None = None,
+    keywords: bool = False,
+    examples: tuple | None = None,
 ) -> ExportResult:
-    """Export ``module`` (in eval mode) to ``dst``; check it with ``onnx.checker``."""
+    """Export ``module`` (in eval mode) to ``dst``; check it with ``onnx.checker``.
+    ``keywords``: call it by the inputs' names (``input_ids=...``, transformers models),
+    which the graph's inputs are then called.  ``examples``: the tensors to trace with
+    (else seeded random ones of ``inputs``)."""
     import onnx
 
     dst = Path(dst)
@@ -74,9 +80,10 @@ def export_onnx(
         raise UsageError(dst, "exporting to ONNX needs example inputs", remedy="pass --input-shape")
     data_name = dst.name + ".data"
     check_destination(dst, force=force)
-    example = example_tensors(inputs, seed=0)
+    example = examples if examples is not None else example_tensors(inputs, seed=0)
     module.eval()
-    proto, used, reason = _export(module, example, inputs, opset, dynamic_batch, exporter, optimize)
+    call = Call(inputs, example, keywords)
+    proto, used, reason = _export(module, call, opset, dynamic_batch, exporter, optimize)
     props = {
         **(metadata or {}),
         VERSION_KEY: FORMAT_VERSION,
@@ -112,12 +119,34 @@ def export_onnx(
     )
 
 
-def _export(module, example, inputs, opset, dynamic_batch, exporter, optimize):
+@dataclass(frozen=True)
+class Call:
+    """How the exporters call the module: positionally, or by the inputs' names."""
+
+    inputs: list[InputSpec]
+    example: tuple
+    keywords: bool = False
+
+    @property
+    def args(self) -> tuple:
+        return () if self.keywords else tuple(self.example)
+
+    @property
+    def kwargs(self) -> dict | None:
+        return dict(zip(_names(self.inputs), self.example, strict=True)) if self.keywords else None
+
+    def shapes(self, per_input: list) -> tuple | dict:
+        if self.keywords:
+            return dict(zip(_names(self.inputs), per_input, strict=True))
+        return tuple(per_input)
+
+
+def _export(module, call: Call, opset, dynamic_batch, exporter, optimize):
     """(ModelProto, exporter used, why the fallback happened or None)."""
     reason = None
     if exporter in ("auto", "dynamo"):
         try:
-            return _dynamo(module, example, inputs, opset, dynamic_batch, optimize), "dynamo", None
+            return _dynamo(module, call, opset, dynamic_batch, optimize), "dynamo", None
         except Exception as exc:  # the dynamo exporter fails in many model-specific ways
             if exporter == "dynamo":
                 raise UnsupportedError(
@@ -125,11 +154,14 @@ def _export(module, example, inputs, opset, dynamic_batch, exporter, optimize):
                     f"the dynamo exporter failed: {_first_line(exc)}",
                     remedy="try --exporter torchscript",
                 ) from None
-            reason = f"dynamo exporter failed: {_first_line(exc)}"
+            reason = f"dynamo exporter failed: {_cause(exc)}"
     try:
-        proto = _torchscript(module, example, inputs, opset, dynamic_batch, optimize)
+        proto = _torchscript(module, call, opset, dynamic_batch, optimize)
     except Exception as exc:
-        raise UnsupportedError(None, f"ONNX export failed: {_first_line(exc)}") from None
+        failed = f"the TorchScript exporter failed: {_cause(exc)}"
+        if reason:  # every exporter's error, not only the fallback's
+            failed = f"{reason.replace('dynamo exporter', 'the dynamo exporter')}; {failed}"
+        raise UnsupportedError(None, f"ONNX export failed: {failed}") from None
     return proto, "torchscript", reason
 
 
@@ -137,20 +169,21 @@ def _names(inputs: list[InputSpec]) -> list[str]:
     return [spec.name for spec in inputs]
 
 
-def _dynamo(module, example, inputs, opset, dynamic_batch, optimize):
+def _dynamo(module, call: Call, opset, dynamic_batch, optimize):
     import torch
 
     shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")
-        shapes = tuple({0: batch} if len(spec.shape) else {} for spec in inputs)
+        shapes = call.shapes([{0: batch} if len(spec.shape) else {} for spec in call.inputs])
     with quiet():
         program = torch.onnx.export(
             module,
-            example,
+            call.args,
+            kwargs=call.kwargs,
             dynamo=True,
             optimize=optimize,
-            input_names=_names(inputs),
+            input_names=_names(call.inputs),
             dynamic_shapes=shapes,
             opset_version=opset,
             external_data=False,
@@ -159,14 +192,14 @@ def _dynamo(module, example, inputs, opset, dynamic_batch, optimize):
     return program.model_proto
 
 
-def _torchscript(module, example, inputs, opset, dynamic_batch, optimize):
+def _torchscript(module, call: Call, opset, dynamic_batch, optimize):
     import onnx
     import torch
 
-    names = _names(inputs)
+    names = _names(call.inputs)
     axes = {
         n: {0: "batch"}
-        for n, s in zip(names, inputs, strict=True)
+        for n, s in zip(names, call.inputs, strict=True)
         if dynamic_batch and len(s.shape)
     }
     with quiet(), tempfile.TemporaryDirectory(prefix="nnconv-export-") as tmp:
@@ -174,8 +207,9 @@ def _torchscript(module, example, inputs, opset, dynamic_batch, optimize):
         path = Path(tmp) / "model.onnx"
         torch.onnx.export(
             module,
-            example,
+            call.args,
             str(path),
+            kwargs=call.kwargs,
             dynamo=False,
             do_constant_folding=optimize,
             input_names=names,
@@ -266,6 +300,17 @@ def _check(onnx, model_path: Path, dst: Path) -> None:
         raise NnconvError(dst, f"exported model fails onnx.checker: {_first_line(exc)}") from None
 
 
+def _cause(exc: BaseException) -> str:
+    """The exporter's message, and the error at the root of it when that is another
+    (the dynamo exporter wraps the model's own error in "Failed to decompose...")."""
+    root, seen = exc, {id(exc)}
+    while root.__cause__ is not None and id(root.__cause__) not in seen:
+        root = root.__cause__
+        seen.add(id(root))
+    head = _first_line(exc)
+    return head if root is exc else f"{head} ({_first_line(root)[:200]})"
+
+
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporters' terminal colours
     return text.splitlines()[0][:300] if text else type(exc).__name__

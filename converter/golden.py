@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from nnconv.formats import dtypes
 from nnconv.formats.errors import FormatError, UnsupportedError, UsageError
 
-from .inputs import InputSpec, example_tensors, input_specs
+from .inputs import InputSpec, derivation, example_tensors, input_specs
 from .state_dicts import _first_line
 
 if TYPE_CHECKING:
@@ -150,11 +150,25 @@ def resolve_inputs(
     dtype: str | None = None,
     inputs_file: PathLike | None = None,
     seed: int = 0,
+    notes: list[str] | None = None,
+    named: Sequence[InputSpec] = (),
 ) -> tuple[list[InputSpec], list[torch.Tensor]]:
     """The one set of inputs every side runs on: ``--inputs FILE``, else seeded random
     tensors of ``--input-shape``/``--input-dtype``, else of the first declared inputs
-    (architecture record, ONNX graph).  Counts are checked against declared inputs."""
+    (architecture record, ONNX graph), else derived from the first torch side's first
+    layer (said in ``notes``).  Counts are checked against declared inputs."""
     declared = next((s for r in runners if r is not None and (s := r.input_specs())), None)
+    if named:  # --input NAME=SHAPE[:DTYPE]: the user's names, each its own dtype
+        if shapes or dtype or inputs_file is not None:
+            raise UsageError(None, "--input excludes --input-shape, --input-dtype and --inputs")
+        wanted = {s.name for s in declared or named}
+        if {s.name for s in named} != wanted:
+            raise UsageError(
+                None,
+                f"--input names {', '.join(s.name for s in named)}; the model takes "
+                + ", ".join(s.name for s in declared or ()),
+            )
+        return list(named), list(example_tensors(list(named), seed=seed))
     if inputs_file is not None:
         if shapes or dtype:
             raise UsageError(None, "--inputs excludes --input-shape and --input-dtype")
@@ -172,12 +186,28 @@ def resolve_inputs(
         specs = [dataclasses.replace(s, dtype=dtype) if dtype else s for s in declared]
         _check_declared_size(specs)
     else:
+        specs = _derived(runners, dtype, notes)
+    return specs, list(example_tensors(specs, seed=seed))
+
+
+def _derived(runners: Sequence[Any], dtype: str | None, notes: list[str] | None):
+    """Inputs derived from the first torch side's first layer (:func:`.inputs.derivation`),
+    said in ``notes``; else the error names that layer."""
+    modules = [r.module for r in runners if r is not None and getattr(r, "is_torch", False)]
+    found = [derivation(m) for m in modules[:1]]
+    if not found or found[0].specs is None:
+        why = f", and {found[0].why_not}" if found and found[0].why_not else ""
         raise UsageError(
             None,
-            "no side declares its input shapes",
-            remedy="pass --input-shape, e.g. --input-shape 2,20",
+            f"no side declares its input shapes{why}",
+            remedy=found[0].remedy if found else "pass --input-shape, batch first",
         )
-    return specs, list(example_tensors(specs, seed=seed))
+    if dtype:
+        dtypes.get(dtype)
+    specs = [dataclasses.replace(s, dtype=dtype) if dtype else s for s in found[0].specs]
+    if notes is not None:
+        notes.append(found[0].note)
+    return specs
 
 
 def _check_declared_size(specs: list[InputSpec]) -> None:
@@ -203,9 +233,12 @@ def _check_count(subject, count: int, declared: list[InputSpec] | None, what: st
 
 
 def _from_file(
-    path: PathLike, declared: list[InputSpec] | None
+    path: PathLike | Any, declared: list[InputSpec] | None
 ) -> tuple[list[InputSpec], list[torch.Tensor]]:
-    items = read_inputs(path)
+    """A file's inputs, or the library's ``example_inputs`` (a tensor, tuple or dict)."""
+    given = not isinstance(path, str | os.PathLike)
+    items = _entries(None, path) if given else read_inputs(path)
+    path = "example_inputs" if given else path
     _check_count(path, len(items), declared, "--inputs holds")
     names = [n for n, _ in items]
     if declared and None not in names and set(names) == {s.name for s in declared}:

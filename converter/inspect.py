@@ -13,13 +13,16 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from nnconv.formats.checkpoint import ALIASES_KEY, STRUCTURE_KEY
+from nnconv.formats.checkpoint import ALIASES_KEY, STRUCTURE_KEY, Checkpoint
 
 from . import record as arch
 from .convert import load
 from .layers import ModuleNode, build_tree
+
+PathLike = str | os.PathLike[str]
 
 MAX_VALUE = 80  # metadata values longer than this are cut in render()
 MAX_NAME_COLUMN = 60  # longer names overflow the table column rather than widen it
@@ -57,7 +60,7 @@ class InspectReport:
     parameters: int  # elements of the canonical tensors (aliases counted once)
     nbytes: int  # bytes of the canonical tensors
     tree: ModuleNode
-    architecture: dict | None = None  # nnconv's architecture record, when the file has one
+    architecture: dict[str, Any] | None = None  # nnconv's record, when the file has one
     # pt files: every global their pickles reference, sorted (None for other formats).
     globals: list[str] | None = None
 
@@ -117,7 +120,7 @@ class InspectReport:
 
 
 def inspect(
-    path: str | os.PathLike[str], *, format: str | None = None, trust_code: bool = False
+    path: PathLike, *, format: str | None = None, trust_code: bool = False
 ) -> InspectReport:
     """Describe a model file without loading its tensor values.
 
@@ -150,11 +153,11 @@ def inspect(
             nbytes=ckpt.nbytes,
             tree=build_tree((r.name, r.dtype, r.shape) for r in rows),
             architecture=_architecture(ckpt),
-            globals=_globals(path) if ckpt.format == "pt" else None,
+            globals=_globals(Path(path)) if ckpt.format == "pt" else None,
         )
 
 
-def _globals(path) -> list[str] | None:
+def _globals(path: Path) -> list[str] | None:
     """The globals a pt file's pickles name, listed without unpickling (None: TorchScript)."""
     from nnconv.formats import pt_format
 
@@ -163,7 +166,7 @@ def _globals(path) -> list[str] | None:
     return sorted(set(pt_format.globals_in(path)))
 
 
-def _architecture(ckpt) -> dict | None:
+def _architecture(ckpt: Checkpoint) -> dict[str, Any] | None:
     text = ckpt.metadata.get(arch.ARCHITECTURE_KEY)
     return None if text is None else arch.loads(text, ckpt.source)
 

@@ -117,7 +117,7 @@ def infer_kind(name: str, params: Mapping[str, Shape], previous: str | None = No
     """
     keys = set(params)
     if "weight" in keys and keys <= {"weight", "bias"}:
-        return _weighted(name, params["weight"], params.get("bias"))
+        return _weighted(name, params["weight"], params.get("bias"), previous)
     if keys >= _BATCHNORM_KEYS:
         return _batchnorm(params, previous)
     if "in_proj_weight" in keys or "q_proj_weight" in keys:
@@ -127,8 +127,11 @@ def infer_kind(name: str, params: Mapping[str, Shape], previous: str | None = No
     return None
 
 
-def _weighted(name: str, weight: Shape, bias: Shape | None) -> str | None:
-    """Linear, Embedding, ConvNd or LayerNorm: a ``weight`` and an optional ``bias``."""
+def _weighted(name: str, weight: Shape, bias: Shape | None, previous: str | None) -> str | None:
+    """Linear, Embedding, ConvNd or LayerNorm: a ``weight`` and an optional ``bias``;
+    transformers' ``Conv1D`` stores a Linear's weight transposed ([in, out], bias [out])."""
+    if len(weight) == 2 and bias is not None and bias == weight[1:] and weight[0] != weight[1]:
+        return f"Conv1D({weight[0]} → {weight[1]}, transposed)"
     if not weight or (bias is not None and bias != weight[:1]):
         return None
     out = weight[0]
@@ -140,8 +143,21 @@ def _weighted(name: str, weight: Shape, bias: Shape | None) -> str | None:
         return f"Linear({weight[1]} → {out}{'' if bias is not None else ', bias=False'})"
     if len(weight) <= 5:
         kernel = "×".join(map(str, weight[2:]))
-        return f"Conv{len(weight) - 2}d({weight[1]} → {out}, {kernel})"
+        channels, groups = _grouped(weight[1], previous)
+        return f"Conv{len(weight) - 2}d({channels} → {out}, {kernel}{groups})"
     return None
+
+
+def _grouped(per_group: int, previous: str | None) -> tuple[int, str]:
+    """A convolution's input channels and groups: its weight holds in/groups channels, so
+    when the preceding layer gives a multiple of that, the convolution is grouped (one
+    channel per group: depthwise)."""
+    found = re.search(r"→ (\d+)", previous or "")
+    before = int(found.group(1)) if found else 0
+    if before <= per_group or before % per_group:
+        return per_group, ""
+    groups = before // per_group
+    return before, f", groups={groups}" + (", depthwise" if per_group == 1 else "")
 
 
 def _batchnorm(params: Mapping[str, Shape], previous: str | None) -> str | None:

@@ -13,6 +13,7 @@ here); a mismatch is one :class:`ModelMismatchError` line.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import importlib.util
@@ -21,6 +22,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +31,7 @@ from nnconv.formats import pickle_gate, pt_format, registry, trust
 from nnconv.formats.checkpoint import Checkpoint
 from nnconv.formats.errors import FormatError, NnconvError, UsageError
 
+from . import hf
 from . import record as arch
 from .state_dicts import ModelMismatchError, Selection, _first_line, load_weights, select_state_dict
 
@@ -48,6 +51,7 @@ __all__ = [
     "load_module_pickle",
     "load_torchscript",
     "load_weights",
+    "model_spec",
     "parse_spec",
     "select_state_dict",
 ]
@@ -63,6 +67,7 @@ class ModelSpec:
 
     target: str
     args: dict = field(default_factory=dict)
+    factory: Callable[..., nn.Module] | None = field(default=None, compare=False)  # library
 
 
 @dataclass
@@ -91,6 +96,10 @@ def parse_spec(spec: str, args_json: str | None = None) -> ModelSpec:
             raise UsageError(None, f"--model {spec!r}: no such file {where!r}")
     elif not _DOTTED.match(where):
         raise UsageError(None, f"--model {spec!r}: {where!r} is neither a .py file nor a module")
+    return ModelSpec(str(spec), _parse_args(spec, args_json))
+
+
+def _parse_args(spec: str, args_json: str | None) -> dict:
     args: Any = {}
     if args_json is not None:
         try:
@@ -101,7 +110,29 @@ def parse_spec(spec: str, args_json: str | None = None) -> ModelSpec:
             raise UsageError(
                 None, f"--model-args for {spec!r} must be a JSON object of keyword arguments"
             )
-    return ModelSpec(str(spec), args)
+    return args
+
+
+def model_spec(model: Any, model_args: str | Mapping[str, Any] | None = None) -> ModelSpec | None:
+    """The library's ``model=``: a spec string, an ``nn.Module`` class (called with
+    ``model_args``, a dict or JSON) or an instance (each side gets a deep copy)."""
+    if model is None or isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, str | os.PathLike):  # the CLI's case: no torch import yet
+        text = json.dumps(dict(model_args)) if isinstance(model_args, Mapping) else model_args
+        return parse_spec(os.fspath(model), text)
+    from torch import nn
+    cls = model if isinstance(model, type) else type(model)
+    if not issubclass(cls, nn.Module):
+        raise UsageError(None, f"model={model!r}: expected an nn.Module class or instance")
+    target = f"{cls.__module__}:{cls.__qualname__}"
+    parsed = isinstance(model_args, Mapping)
+    args = dict(model_args) if parsed else _parse_args(target, model_args)  # type: ignore[arg-type]
+    if isinstance(model, nn.Module):
+        if args:
+            raise UsageError(None, "--model-args applies to a class, not to a module instance")
+        return ModelSpec(target, {}, factory=lambda: copy.deepcopy(model))
+    return ModelSpec(target, args, factory=cls)
 
 
 def _is_file_target(where: str) -> bool:
@@ -112,6 +143,8 @@ def instantiate(spec: ModelSpec) -> nn.Module:
     """Import the spec's class and call it with the spec's arguments."""
     from torch import nn
 
+    if spec.factory is not None:
+        return _call(spec, spec.factory)
     where, _, qualname = spec.target.rpartition(":")
     module = _import_file(spec, Path(where)) if _is_file_target(where) else _import(spec, where)
     obj: Any = module
@@ -120,8 +153,12 @@ def instantiate(spec: ModelSpec) -> nn.Module:
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
         what = "no class" if obj is None else f"{type(obj).__name__}, not an nn.Module class,"
         raise UsageError(None, f"--model {spec.target!r}: {what} {qualname!r} in {where}")
+    return _call(spec, obj)
+
+
+def _call(spec: ModelSpec, factory: Callable[..., nn.Module]) -> nn.Module:
     try:
-        return obj(**spec.args)
+        return factory(**spec.args)
     except TypeError as exc:
         raise UsageError(
             None, f"--model {spec.target!r}: {exc}", remedy="check --model-args"
@@ -160,6 +197,7 @@ def _import_file(spec: ModelSpec, path: Path):
                 sys.path.remove(str(path.parent))
     # What another process, started here, would import it as: for the architecture record.
     module.__nnconv_import_name__, module.__nnconv_file__ = _names_for(path)  # type: ignore
+    module.__nnconv_path__ = str(path)  # type: ignore  (recorded relative to the output)
     return module
 
 
@@ -333,6 +371,9 @@ def load_model(
     """
     if isinstance(path_or_ckpt, Checkpoint):
         kind, value, subject = "checkpoint", path_or_ckpt, path_or_ckpt.source
+    elif spec is None and hf.is_folder(path_or_ckpt):  # transformers rebuilds it
+        module, described = hf.load(path_or_ckpt, trust_code=trust_code)
+        return LoadedModel(module, hf.SOURCE, record=described)
     else:
         subject = str(path_or_ckpt)
         kind, value = _read(Path(path_or_ckpt), trust_code)
@@ -349,6 +390,11 @@ def load_model(
         if source and is_torchscript(source):  # weights read so far; running it needs trust
             return LoadedModel(load_torchscript(source, trust_code=trust_code), "torchscript")
         text = value.metadata.get(arch.ARCHITECTURE_KEY) if kind == "checkpoint" else None
+        if text is None and kind == "checkpoint" and hf.METADATA_KEY in value.metadata:
+            module = hf.from_metadata(value.metadata, subject, trust_code=trust_code)
+            sd, selection = select_state_dict(value, module, key=key)
+            load_weights(module, sd, example_inputs=example_inputs, subject=subject)
+            return LoadedModel(module, hf.SOURCE, selection, hf.record(value.metadata))
         if text is None:
             raise UsageError(
                 subject,

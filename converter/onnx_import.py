@@ -25,6 +25,7 @@ from nnconv.formats import onnx_format
 from nnconv.formats.checkpoint import Checkpoint, LazyTensor, flat_structure, tensor_bytes
 from nnconv.formats.errors import UnsupportedError
 
+from . import hf
 from .export import EXPORTER_KEY, OPTIMIZED_KEY
 from .export import quiet as quiet_exporters
 from .inputs import example_tensors, graph_inputs
@@ -88,6 +89,9 @@ def map_to_state_dict(
         lazy = files.get(key)
         if lazy is not None and (lazy.shape, lazy.dtype) == _spec(value):
             found[key] = (key, "name", "identity")
+    for group in hf.tie_groups(state):  # one name of a tie found: the others are it
+        hit = next((found[k] for k in group if k in found), None)
+        found.update({k: (hit[0], "tied", hit[2]) for k in group if hit and k not in found})
     ref = None
     if any(k not in found and not _is_counter(k) for k in state):
         if path is None:
@@ -204,6 +208,9 @@ def _export_reference(module, file_model, onnx_ckpt: Checkpoint, notes: list[str
     _fill_distinct(filled)
     state = {k: v.detach() for k, v in filled.state_dict().items()}
     args, names = example_tensors(specs, seed=0), [s.name for s in specs]
+    kwargs = None
+    if hf.is_model(filled):  # a transformers model is called by keyword, as it was exported
+        kwargs, args = dict(zip(names, args, strict=True)), ()
     with quiet_exporters():  # not under no_grad: that takes fast paths no exporter knows
         if exporter == "dynamo":
             dims: dict[str, object] = {}
@@ -211,14 +218,16 @@ def _export_reference(module, file_model, onnx_ckpt: Checkpoint, notes: list[str
                 {i: dims.setdefault(p, torch.export.Dim(_ident(p))) for i, p in axes[n].items()}
                 for n in names
             ]
+            dynamic = dict(zip(names, shapes, strict=True)) if kwargs else tuple(shapes)
             program = torch.onnx.export(
                 filled,
                 args,
+                kwargs=kwargs,
                 dynamo=True,
                 optimize=fold,
                 input_names=names,
                 verbose=False,
-                dynamic_shapes=tuple(shapes) if dims else None,
+                dynamic_shapes=dynamic if dims else None,
                 opset_version=opset,
             )
             return program.model_proto, state
@@ -227,6 +236,7 @@ def _export_reference(module, file_model, onnx_ckpt: Checkpoint, notes: list[str
             filled,
             args,
             buf,
+            kwargs=kwargs,
             dynamo=False,
             do_constant_folding=fold,
             input_names=names,
@@ -372,13 +382,16 @@ def _remedy(missing: list[str], state: dict, files: dict, notes: list[str]) -> s
 
 def _result(onnx_ckpt: Checkpoint, state, found, missing, notes) -> ImportResult:
     tensors: dict[str, LazyTensor] = {}
-    rows = []
+    rows, aliases = [], {}
+    tied = {k: g[0] for g in hf.tie_groups(state) for k in g[1:]}  # written once
     for key, value in state.items():
         if key not in found:
             continue
         name, how, transform = found[key]
         shape, dtype = _spec(value)
-        if name is None:
+        if tied.get(key) in tensors and found[tied[key]][::2] == (name, transform):
+            aliases[key] = tied[key]
+        elif name is None:
             tensors[key] = LazyTensor(dtype, shape, lambda v=value: v.clone())
         else:
             lazy = onnx_ckpt.tensors[name]
@@ -390,8 +403,10 @@ def _result(onnx_ckpt: Checkpoint, state, found, missing, notes) -> ImportResult
     metadata = dict(onnx_ckpt.metadata)
     table = {row.key: {k: v for k, v in asdict(row).items() if k != "key"} for row in rows}
     metadata[MAPPING_KEY] = json.dumps(table, separators=(",", ":"), ensure_ascii=False)
-    structure = flat_structure(list(tensors))
-    ckpt = replace(onnx_ckpt, tensors=tensors, structure=structure, aliases={}, metadata=metadata)
+    structure = flat_structure([k for k in state if k in tensors or k in aliases])
+    ckpt = replace(
+        onnx_ckpt, tensors=tensors, structure=structure, aliases=aliases, metadata=metadata
+    )
     unused = [n for n in onnx_ckpt.tensors if n not in used]
     return ImportResult(ckpt, rows, missing, unused, notes)
 

@@ -15,10 +15,9 @@ record (:func:`loads`, :func:`summary`) without paying for it.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import json
+import os
 import re
 import sys
 import warnings
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from nnconv.formats import trust
 from nnconv.formats.errors import FormatError, UsageError
 
+from . import locate
 from .inputs import InputSpec
 
 if TYPE_CHECKING:
@@ -46,10 +46,17 @@ _NOT_JSON = object()
 
 
 def build(
-    module: nn.Module, inputs: list[InputSpec], *, model_args: dict[str, Any] | None = None
+    module: nn.Module,
+    inputs: list[InputSpec],
+    *,
+    model_args: dict[str, Any] | None = None,
+    folder: str | os.PathLike[str] | None = None,
 ) -> dict:
     """The record of ``module`` (``model_args``: the keyword arguments its class was called
-    with, needed to rebuild a user class at the root)."""
+    with, needed to rebuild a user class at the root).  ``folder``: where the file that
+    will hold the record lives; a class loaded from a ``.py`` file is then recorded with
+    that file's path relative to it (``module_file``), so the record finds it again from
+    any working folder."""
     if model_args is not None:
         try:
             json.dumps(model_args, allow_nan=False)
@@ -57,12 +64,12 @@ def build(
             raise UsageError(None, f"--model-args must be plain JSON values: {exc}") from None
     return {
         "version": VERSION,
-        "root": _node(module, "", model_args),
+        "root": _node(module, "", model_args, folder),
         "inputs": [spec.to_json() for spec in inputs],
     }
 
 
-def _node(module: nn.Module, path: str, model_args: dict | None) -> dict:
+def _node(module: nn.Module, path: str, model_args: dict | None, folder=None) -> dict:
     cls = type(module)
     node: dict[str, Any] = {"path": path, "class": f"{_import_name(cls)}:{cls.__qualname__}"}
     if cls.__module__.startswith(BUILTIN_PREFIX):
@@ -74,11 +81,9 @@ def _node(module: nn.Module, path: str, model_args: dict | None) -> dict:
     else:
         if path == "" and model_args is not None:
             node["args"] = dict(model_args)
-        origin = getattr(sys.modules.get(cls.__module__), "__nnconv_file__", None)
-        if origin:
-            node["file"] = str(origin)
+        node.update(locate.recorded_file(sys.modules.get(cls.__module__), folder))
     children = [
-        _node(child, f"{path}.{name}" if path else name, None)
+        _node(child, f"{path}.{name}" if path else name, None, folder)
         for name, child in module.named_children()
     ]
     if children:
@@ -252,6 +257,8 @@ def _check_node(subject: str | None, node: Any, path: str, depth: int) -> None:
         raise bad(f"invalid class name {node.get('class')!r}")
     if not isinstance(node.get("args", {}), (dict, type(None))):
         raise bad("args is not a map")
+    if not all(isinstance(node.get(k, ""), str) for k in ("file", "module_file")):
+        raise bad("file is not a path")
     child_args = node.get("child_args", {})
     if not isinstance(child_args, dict) or not all(isinstance(v, str) for v in child_args.values()):
         raise bad("child_args is not a map of names")
@@ -283,12 +290,13 @@ def rebuild(record: dict, *, trust_code: bool = False, subject: str | None = Non
         raise trust.refuse(
             subject, "the architecture record names classes nnconv does not import", names=foreign
         )
+    base = locate.base_folder(subject)
     with warnings.catch_warnings():  # e.g. TransformerEncoder's nested-tensor advice
         warnings.simplefilter("ignore")
         if foreign:  # trusted user classes: their constructors may not work on meta
-            return _rebuild(record["root"])
+            return _rebuild(record["root"], base)
         with torch.device("meta"):
-            return _rebuild(record["root"])
+            return _rebuild(record["root"], base)
 
 
 def untrusted_classes(record: dict) -> list[str]:
@@ -310,21 +318,21 @@ def _descendant(node: dict, relative: str) -> dict:
     return node
 
 
-def _rebuild(node: dict) -> nn.Module:
+def _rebuild(node: dict, base=None) -> nn.Module:
     from collections import OrderedDict
 
     from torch import nn
 
-    cls = _resolve(node)
+    cls = _resolve(node, base)
     name = node["class"].rsplit(":", 1)[1]
     where = node["path"] or "the root"
     if not node["class"].startswith(BUILTIN_PREFIX):
         return _call(cls, node.get("args") or {}, node)
     if name in ("Sequential", "ModuleDict"):
-        built = OrderedDict((key, _rebuild(c)) for key, c in _children(node).items())
+        built = OrderedDict((key, _rebuild(c, base)) for key, c in _children(node).items())
         return nn.Sequential(built) if name == "Sequential" else nn.ModuleDict(built)
     if name == "ModuleList":
-        return nn.ModuleList([_rebuild(c) for c in node.get("children", [])])
+        return nn.ModuleList([_rebuild(c, base) for c in node.get("children", [])])
     if node.get("args") is None:
         raise UsageError(
             None,
@@ -334,7 +342,7 @@ def _rebuild(node: dict) -> nn.Module:
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in node["args"].items()}
     for arg, relative in node.get("child_args", {}).items():
-        kwargs[arg] = _rebuild(_descendant(node, relative))
+        kwargs[arg] = _rebuild(_descendant(node, relative), base)
     return _call(cls, kwargs, node)
 
 
@@ -350,25 +358,21 @@ def _call(cls: type, kwargs: dict, node: dict) -> nn.Module:
         ) from None
 
 
-def _resolve(node: dict) -> type:
-    """Import the recorded class; only nn.Module subclasses are accepted."""
+def _resolve(node: dict, base=None) -> type:
+    """Import the recorded class (trusted records only, see :func:`.locate.class_module`);
+    only nn.Module subclasses are accepted."""
     from torch import nn
 
-    module_name, qualname = node["class"].split(":", 1)
-    hint = f"{node['file']}:{qualname}" if node.get("file") else f"path/to/file.py:{qualname}"
+    qualname = node["class"].split(":", 1)[1]
+    obj, hint = locate.class_module(node, base)
 
     def fail(problem: str) -> UsageError:
         return UsageError(None, problem, remedy=f"pass --model {hint}")
 
-    obj: Any = None
-    try:
-        found = module_name in sys.modules or importlib.util.find_spec(module_name) is not None
-        if found:
-            obj = importlib.import_module(module_name)
-    except Exception:  # a parent package that fails to import, an invalid name
-        found = False
-    if not found:
-        raise fail(f"cannot rebuild the model: class {node['class']} is not importable")
+    if obj is None:
+        where = f" and {locate.file_name(node)} is not where the record says"
+        where = where if node.keys() & {"file", "module_file"} else ""
+        raise fail(f"cannot rebuild the model: class {node['class']} is not importable{where}")
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)):

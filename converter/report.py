@@ -13,15 +13,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 SCHEMA = "nnconv.verify/1"
+NOISE_RATIO = 10.0  # the noise rule's limit (converter/noise.py), shown in the table
 
 # TensorCheck.status values.  "identical" and "close" pass; "transformed" (an optimised
 # export changed the values on purpose) and "cast" (a recorded --dtype cast, compared at
-# that precision) pass when within tolerance and are labelled as such; the rest fail.
+# that precision) pass when within tolerance and are labelled as such; "not a parameter"
+# (an ONNX constant or non-persistent buffer only one side stores) passes; the rest fail.
 STATUSES = (
     "identical",
     "close",
     "cast",
     "transformed",
+    "not a parameter",
     "different",
     "shape",
     "dtype",
@@ -72,6 +75,10 @@ class OutputCheck:
     needed_atol: float  # the smallest atol that would have passed at this rtol
     finite: bool = True
     note: str | None = None
+    rule: str = "tolerance"  # what decided: "tolerance" (atol/rtol) or "noise" (see noise.py)
+    reference_noise: float | None = None  # noise rule: max |float32 - float64| of the reference
+    noise_ratio: float | None = None  # noise rule: the candidate's error vs float64 / that
+    degenerate: str | None = None  # the reference output proves nothing: "all zero", ...
 
 
 @dataclass
@@ -116,6 +123,8 @@ class VerifyReport:
     reference_runner: str | None = None
     notes: list[str] = field(default_factory=list)
     trust_code: bool = False  # --trust-code: the files were allowed to run code
+    mode: str = "compare"  # "compare" | "self-check" (one file, CI mode) | "golden" (replay)
+    golden_written: str | None = None  # what --save-golden wrote, in words
 
     @property
     def passed(self) -> bool:
@@ -127,7 +136,7 @@ class VerifyReport:
     def to_json(self) -> dict[str, Any]:
         """The documented, stable schema (docs/verify.schema.json). Non-finite numbers
         become null: strict JSON parsers (jq, JavaScript) reject NaN and Infinity."""
-        return _finite(
+        doc: dict[str, Any] = _finite(
             {
                 "schema": SCHEMA,
                 "passed": self.passed,
@@ -138,6 +147,8 @@ class VerifyReport:
                     "runner": self.reference_runner,
                 },
                 "trust_code": self.trust_code,
+                "mode": self.mode,
+                "golden_written": self.golden_written,
                 "seed": self.seed,
                 "devices": list(self.devices),
                 "versions": dict(self.versions),
@@ -159,18 +170,25 @@ class VerifyReport:
                 ],
             }
         )
+        return doc
 
     def render(self) -> str:
         """The table ``nnconv verify`` prints: PASS/FAIL lines with numbers, then a verdict."""
+        runs = f", runs with {self.reference_runner}" if self.reference_runner else ""
+        head = {
+            "self-check": f"checking   {self.reference} ({self.reference_format}){runs}",
+            "golden": f"golden     {self.reference}: stored inputs and reference outputs",
+        }.get(self.mode, f"reference  {self.reference} ({self.reference_format}){runs}")
         lines = [
-            f"reference  {self.reference} ({self.reference_format})"
-            + (f", runs with {self.reference_runner}" if self.reference_runner else ""),
+            head,
             f"seed {self.seed}, devices {', '.join(self.devices)}"
             + (", --trust-code: the files may run code" if self.trust_code else ""),
         ]
         for cand in self.candidates:
-            lines += ["", *_render_candidate(cand)]
+            lines += ["", *_render_candidate(cand, own=self.mode == "self-check")]
         lines += ["", *self.notes]
+        if self.golden_written:
+            lines.append(f"golden file written: {self.golden_written}")
         lines.append(_verdict(self))
         return "\n".join(line for line in lines if line is not None)
 
@@ -189,33 +207,16 @@ def _g(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
 
 
-def _render_candidate(cand: CandidateReport) -> list[str]:
-    lines = [
-        f"candidate  {cand.path} ({cand.format})"
-        + (f", runs with {cand.runner}" if cand.runner else "")
-    ]
+def _render_candidate(cand: CandidateReport, *, own: bool = False) -> list[str]:
+    runs = f", runs with {cand.runner}" if cand.runner else ""
+    lines = [] if own else [f"candidate  {cand.path} ({cand.format}){runs}"]
     counts: dict[str, int] = {}
     for check in cand.parameters:
         counts[check.status] = counts.get(check.status, 0) + 1
-        if check.status == "identical":
-            continue
-        verdict = "PASS" if check.passed else "FAIL"
-        where = check.candidate_name if check.name == "" else check.name
-        detail = check.status
-        if check.note:
-            detail += f": {check.note}"
-        elif check.max_abs is not None:
-            detail += (
-                f": {check.differing} elements differ, max_abs {_g(check.max_abs)}, "
-                f"max_rel {_g(check.max_rel)} at {check.worst_index}"
-            )
-        if check.shape != check.candidate_shape and check.candidate_shape is not None:
-            detail += f": {check.shape} vs {check.candidate_shape}"
-        if check.dtype != check.candidate_dtype and check.candidate_dtype is not None:
-            detail += f": {check.dtype} vs {check.candidate_dtype}"
-        if check.how != "name" and check.candidate_name:
-            detail += f" (matched {check.how}: {check.candidate_name})"
-        lines.append(f"  {verdict}  param  {where}  {detail}")
+        if check.status != "identical":
+            verdict = "PASS" if check.passed else "FAIL"
+            where = check.candidate_name if check.name == "" else check.name
+            lines.append(f"  {verdict}  param  {where}  {_describe(check)}")
     if cand.parameters:
         summary = ", ".join(f"{n} {status}" for status, n in counts.items())
         verdict = "PASS" if all(c.passed for c in cand.parameters) else "FAIL"
@@ -224,17 +225,24 @@ def _render_candidate(cand: CandidateReport) -> list[str]:
         lines.append(f"  FAIL  tied  {text}")
     for out in cand.outputs:
         verdict = "PASS" if out.passed else "FAIL"
-        if out.note and out.shape == []:
-            lines.append(f"  {verdict}  output {out.name} [{out.device}]  {out.note}")
-            continue
-        lines.append(
-            f"  {verdict}  output {out.name} [{out.device}]  max_abs {_g(out.max_abs)} "
-            f"max_rel {_g(out.max_rel)} mean_abs {_g(out.mean_abs)} "
-            f"out_of_tol {out.fraction_out:.2%} cos {out.cosine:.6f} "
-            f"worst {out.worst_index} ({_g(out.reference_value)} vs {_g(out.candidate_value)}) "
-            f"atol {_g(out.atol)} rtol {_g(out.rtol)}; passes at atol >= {_g(out.needed_atol)}"
-            + (f"; {out.note}" if out.note else "")
-        )
+        where = f"output {out.name} [{out.device}]"
+        if own:
+            shape = "×".join(map(str, out.shape)) or "scalar"
+            lines.append(f"  {verdict}  {where}  {out.note}, {shape} {out.dtype}")
+        elif out.note and out.shape == []:
+            lines.append(f"  {verdict}  {where}  {out.note}")
+        else:
+            lines.append(
+                f"  {verdict}  {where}  max_abs {_g(out.max_abs)} "
+                f"max_rel {_g(out.max_rel)} mean_abs {_g(out.mean_abs)} "
+                f"out_of_tol {out.fraction_out:.2%} cos {out.cosine:.6f} "
+                f"worst {out.worst_index} ({_g(out.reference_value)} vs "
+                f"{_g(out.candidate_value)})"
+                + _decision(out)
+                + (f"; {out.note}" if out.note else "")
+            )
+        if out.degenerate:
+            lines.append(f"  WARN  {where}  {_degenerate(out)}")
     if cand.first_divergence:
         lines.append(f"  first diverging module: {cand.first_divergence}")
     if not cand.outputs_checked:
@@ -245,9 +253,79 @@ def _render_candidate(cand: CandidateReport) -> list[str]:
     return lines
 
 
+def _decision(out: OutputCheck) -> str:
+    """How the line was decided: the noise rule's ratio, or the tolerances."""
+    if out.rule == "noise" and out.noise_ratio is not None:
+        return (
+            f"; error vs float64 {_g(out.noise_ratio)}× the float32 reference's own "
+            f"({_g(out.reference_noise)}), passes at <= {NOISE_RATIO:g}×"
+        )
+    return f" atol {_g(out.atol)} rtol {_g(out.rtol)}; passes at atol >= {_g(out.needed_atol)}"
+
+
+def _degenerate(out: OutputCheck) -> str:
+    return (
+        f"the reference's output is {out.degenerate}: it proves little about the weights "
+        "(other inputs, --inputs; --strict fails it)"
+    )
+
+
+_HOW = {
+    "prefix": "under a wrapper prefix",
+    "mapping": "through the name mapping recorded in the file",
+    "value": "by value",
+    "value, transposed": "by value, transposed",
+}
+
+
+def _describe(check: TensorCheck) -> str:
+    """One parameter line as a sentence: what differs, and where it was found."""
+    if check.candidate_name is None or check.name == "":
+        dtype, shape = (
+            (check.dtype, check.shape)
+            if check.name
+            else (check.candidate_dtype, check.candidate_shape)
+        )
+        where = "only in the candidate" if check.name == "" else "missing from the candidate"
+        note = check.note or ""
+        rest = note.partition(": ")[2] if note.startswith("not in the") else note
+        return f"{check.status}: {where} ({dtype} {shape})" + (f"; {rest}" if rest else "")
+    text = check.status
+    if check.note:
+        text += f": {check.note}"
+    elif check.max_abs is not None:
+        text += (
+            f": {check.differing} elements differ, max_abs {_g(check.max_abs)}, "
+            f"max_rel {_g(check.max_rel)} at {check.worst_index}"
+        )
+    moved = check.how.endswith("transposed")
+    if check.shape != check.candidate_shape and not moved and "shape" not in (check.note or ""):
+        text += f": shape {check.shape} vs {check.candidate_shape}"
+    if check.dtype != check.candidate_dtype and str(check.candidate_dtype) not in (
+        check.note or ""
+    ):
+        text += f": {check.dtype} vs {check.candidate_dtype}"
+    if check.how in _HOW and check.candidate_name != check.name:
+        text += f" (found in the candidate as {check.candidate_name}, {_HOW[check.how]})"
+    return text
+
+
+def _scope(report: VerifyReport) -> str:
+    """What the verdict rests on, from what was actually compared."""
+    if report.mode == "self-check":
+        return "compatibility: loads strictly, runs, outputs finite"
+    params = any(c.parameters for c in report.candidates)
+    if params and report.outputs_checked:
+        return "parameters and outputs"
+    if report.outputs_checked:
+        return "outputs against the golden file" if report.mode == "golden" else "outputs only"
+    return "parameters only"
+
+
 def _verdict(report: VerifyReport) -> str:
     failed = [c.path for c in report.candidates if not c.passed]
-    scope = "parameters and outputs" if report.outputs_checked else "parameters only"
     if failed:
-        return f"FAILED ({scope}): {', '.join(failed)}"
-    return f"PASSED ({scope}): {len(report.candidates)} checked"
+        return f"FAILED ({_scope(report)}): {', '.join(failed)}"
+    if report.mode == "self-check":
+        return f"PASSED ({_scope(report)}): {report.reference}"
+    return f"PASSED ({_scope(report)}): {len(report.candidates)} checked"

@@ -15,7 +15,7 @@ import contextlib
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from nnconv.formats import onnx_format, registry
 from nnconv.formats.errors import NnconvError, UnsupportedError, UsageError
 
-from . import models
+from . import hf, models
 from .golden import OutputAlignment, align_outputs, flatten, resolve_inputs
 from .inputs import InputSpec, graph_inputs
 from .state_dicts import _first_line
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
+    "HFRunner",
     "OnnxRunner",
     "OutputAlignment",
     "Runner",
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
+Feed = Any  # the inputs of a run: tensors in order, or a mapping of input name -> tensor
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
@@ -59,7 +61,7 @@ class Runner(Protocol):
 
     def input_specs(self) -> list[InputSpec] | None: ...
 
-    def run(self, inputs: list[torch.Tensor], *, device: str) -> dict[str, torch.Tensor]: ...
+    def run(self, inputs: Feed, *, device: str) -> dict[str, torch.Tensor]: ...
 
 
 # --- runners --------------------------------------------------------------------
@@ -86,14 +88,39 @@ class TorchRunner:
         specs = [InputSpec.from_json(s) for s in (self.model.record or {}).get("inputs", [])]
         return specs or None
 
-    def run(self, inputs: list[torch.Tensor], *, device: str = "cpu") -> dict[str, torch.Tensor]:
+    def run(self, inputs: Feed, *, device: str = "cpu") -> dict[str, torch.Tensor]:
         import torch
 
         module = self.module.to(device).eval()
-        args = [t.to(device) for t in inputs]
+        named = inputs if isinstance(inputs, Mapping) else {}  # --input NAME=...: by keyword
+        args = [t.to(device) for t in inputs] if not named else []
+        kwargs = {k: v.to(device) for k, v in named.items()}
         try:
             with torch.no_grad(), _full_precision(device):
-                result = module(*args)
+                result = module(*args, **kwargs)
+        except NnconvError:
+            raise
+        except Exception as exc:
+            raise _run_failed(self.path, self.label, device, exc) from None
+        return {k: v.detach().cpu() for k, v in flatten(result).items()}
+
+
+@dataclass
+class HFRunner(TorchRunner):
+    """A transformers model, called by keyword (``input_ids=...``), without the KV cache."""
+
+    def input_specs(self) -> list[InputSpec] | None:
+        return [InputSpec.from_json(s) for s in (self.model.record or {}).get("inputs", [])]
+
+    def run(self, inputs, *, device: str = "cpu") -> dict[str, torch.Tensor]:
+        import torch
+
+        names = [s.name for s in self.input_specs() or []]
+        kwargs = {k: v.to(device) for k, v in hf.keyword_inputs(names, inputs).items()}
+        module = self.module.to(device).eval()
+        try:
+            with torch.no_grad(), _full_precision(device):
+                result = module(**kwargs)
         except NnconvError:
             raise
         except Exception as exc:
@@ -148,12 +175,16 @@ class OnnxRunner:
         self.sessions[key] = session
         return session
 
-    def run(self, inputs: list[torch.Tensor], *, device: str = "cpu") -> dict[str, torch.Tensor]:
+    def run(self, inputs: Feed, *, device: str = "cpu") -> dict[str, torch.Tensor]:
         import numpy as np
         import torch
 
         session = self.session(device)
         names = [i.name for i in session.get_inputs()]
+        if isinstance(inputs, Mapping) and (len(names) > 1 or set(inputs) == set(names)):
+            inputs = [inputs[n] if n in inputs else _no_input(self.path, n) for n in names]
+        elif isinstance(inputs, Mapping):  # one input: its name in the graph does not matter
+            inputs = list(inputs.values())
         if len(inputs) != len(names):
             raise UsageError(
                 self.path,
@@ -180,6 +211,10 @@ def _to_numpy(t: torch.Tensor, path: str, name: str):
         raise UnsupportedError(
             path, f"input {name!r}: onnxruntime cannot take {t.dtype} tensors from numpy"
         ) from None
+
+
+def _no_input(path: str, name: str):
+    raise UsageError(path, f"no input named {name!r} for the ONNX graph")
 
 
 def _run_failed(path: str | None, label: str, device: str, exc: BaseException) -> UsageError:
@@ -239,6 +274,8 @@ def make_runner(
         if spec is None and exc.problem.startswith("no model"):
             return None
         raise
+    if loaded.source == hf.SOURCE:
+        return HFRunner(loaded, str(path))
     return TorchRunner(loaded, str(path))
 
 
@@ -252,6 +289,9 @@ def _onnx_runner(path: Path) -> OnnxRunner:
         specs = graph_inputs(model.graph)[0]
     except ValueError:
         specs = None
+    described = hf.recorded_inputs({p.key: p.value for p in model.metadata_props})
+    if specs and described and [s.name for s in described] == [s.name for s in specs]:
+        specs = described  # the exported model's own inputs: token ids in range, mask of ones
     return OnnxRunner(str(path), specs)
 
 
@@ -278,7 +318,7 @@ def devices_for(request: str) -> list[str]:
 
 
 def capture_modules(
-    runner: Runner, inputs: list[torch.Tensor], *, device: str = "cpu"
+    runner: Runner, inputs: Feed, *, device: str = "cpu"
 ) -> list[tuple[str, torch.Tensor]]:
     """(module path, first tensor of its output) for every submodule call, in execution
     order, copied to the CPU; [] where hooks cannot see inside (ONNX, TorchScript)."""

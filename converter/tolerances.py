@@ -7,8 +7,9 @@ for one and too loose for the other.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ class Tolerances:
     rtol: float | None = None
     atols: tuple[tuple[str, float], ...] = ()
     rtols: tuple[tuple[str, float], ...] = ()
+    precision: str | None = None  # a recorded cast: floats held to that dtype's defaults too
 
     def _user(self, name: str) -> tuple[float | None, float | None]:
         """The overrides for ``name``, its nearest dotted parent ("enc" covers "enc.x"), or all."""
@@ -44,20 +46,46 @@ class Tolerances:
         sides = ((dict(self.atols), self.atol), (dict(self.rtols), self.rtol))
         return tuple(next((named[k] for k in keys if k in named), every) for named, every in sides)
 
+    def given(self, name: str) -> bool:
+        """Whether the user gave a tolerance covering ``name`` (or every name)."""
+        return self._user(name) != (None, None)
+
     def for_output(self, name: str, dtype: Any) -> tuple[float, float]:
         """(atol, rtol): per-name override > global override > dtype default, each alone."""
         default = DEFAULTS.get(str(dtype).removeprefix("torch."), (0.0, 0.0))
+        if self.precision in DEFAULTS and default != (0.0, 0.0):  # floats, not integers
+            default = tuple(map(max, default, DEFAULTS[self.precision]))
         return tuple(d if u is None else u for d, u in zip(default, self._user(name), strict=True))
+
+    def at_precision(self, dtype: str | None) -> Tolerances:
+        """These tolerances for a candidate whose parameters were cast to ``dtype``: outputs
+        cannot be closer than that dtype allows, so its defaults apply where coarser."""
+        return self if dtype is None else dataclasses.replace(self, precision=dtype)
 
     def for_parameter(self, name: str, dtype: Any) -> tuple[float, float] | None:
         """None (bit-identity required) unless the user gave a tolerance covering ``name``."""
-        return None if self._user(name) == (None, None) else self.for_output(name, dtype)
+        return self.for_output(name, dtype) if self.given(name) else None
 
 
-def parse_tolerances(atols: Sequence[str] = (), rtols: Sequence[str] = ()) -> Tolerances:
+ToleranceArg = float | str | Sequence[float | str] | Mapping[str, float] | None
+
+
+def _entries(value: ToleranceArg) -> list[str]:
+    """The library's forms as CLI values: ``1e-4``, ``"1e-4"``, ``["fc:1e-3", 1e-5]`` or
+    ``{"fc": 1e-3}`` (a name ``""`` is every output)."""
+    if value is None:
+        return []
+    if isinstance(value, Mapping):
+        return [f"{name}:{x}" if name else str(x) for name, x in value.items()]
+    if isinstance(value, str | int | float):
+        return [str(value)]
+    return [str(v) for v in value]
+
+
+def parse_tolerances(atols: ToleranceArg = (), rtols: ToleranceArg = ()) -> Tolerances:
     """Tolerances from CLI values ``X`` (global) or ``NAME:X`` (split on the last colon)."""
     found: dict[str, dict[str | None, float]] = {"atol": {}, "rtol": {}}
-    for option, values in (("atol", atols), ("rtol", rtols)):
+    for option, values in (("atol", _entries(atols)), ("rtol", _entries(rtols))):
         for text in values:
             name, sep, number = str(text).rpartition(":")
             try:

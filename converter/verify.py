@@ -10,26 +10,30 @@ per-dtype tolerances.  When no side can run, the report says so and its
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from nnconv.formats import registry
 from nnconv.formats.errors import UnsafePickleError, UntrustedCodeError, UsageError
 
 from . import golden as golden_io
-from . import models
-from .compare import Tolerances, compare_outputs, compare_parameters, parse_tolerances
+from . import models, noise
+from .compare import compare_outputs, compare_parameters
 from .convert import load
-from .report import CandidateReport, OutputCheck, VerifyReport
-from .runner import (
-    align_outputs,
-    capture_modules,
-    devices_for,
-    first_divergence,
-    make_runner,
-    resolve_inputs,
-)
+from .inputs import ExampleInputs, InputSpec, Shapes, by_name, named_specs, shape_list
+from .noise import Judge, Yardstick
+from .outputs import compare, cross_device, first_differing, run_candidate, yardstick
+from .report import CandidateReport, VerifyReport
+from .runner import Runner, devices_for, make_runner, resolve_inputs
+from .tolerances import ToleranceArg, parse_tolerances
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[str], None]
@@ -38,17 +42,20 @@ Progress = Callable[[str], None]
 def verify(
     reference: PathLike,
     *candidates: PathLike,
-    model: str | None = None,
-    model_args: str | None = None,
+    model: str | type[nn.Module] | nn.Module | None = None,
+    model_args: str | Mapping[str, Any] | None = None,
     key: str | None = None,
-    input_shapes: list[str] | tuple[str, ...] = (),
+    input_shapes: Shapes = (),
     input_dtype: str | None = None,
+    named_inputs: Sequence[str] = (),
     inputs_file: PathLike | None = None,
+    example_inputs: ExampleInputs | None = None,
     device: str = "cpu",
-    atol: list[str] | tuple[str, ...] = (),
-    rtol: list[str] | tuple[str, ...] = (),
+    atol: ToleranceArg = (),
+    rtol: ToleranceArg = (),
     params_only: bool = False,
     outputs_only: bool = False,
+    strict: bool = False,
     seed: int = 0,
     trust_code: bool = False,
     save_golden: PathLike | None = None,
@@ -60,15 +67,26 @@ def verify(
 
     With no candidate, ``reference`` is checked on its own (CI compatibility
     mode): it must load strictly into its model and give finite outputs.
-    ``save_golden`` stores the inputs and the reference's outputs;
-    ``golden`` replays stored inputs and compares ``reference``'s outputs with
-    the stored ones.  ``atol``/``rtol`` take ``X`` or ``NAME:X`` values.
+    ``model`` is a spec string (``"net.py:Net"``), an ``nn.Module`` class (called
+    with ``model_args``) or an instance; ``input_shapes`` strings (``"2,20"``) or
+    tuples; ``example_inputs`` a tensor, a tuple of them or a dict by input name
+    (instead of seeded random inputs); ``named_inputs`` ``"NAME=SHAPE[:DTYPE]"`` strings,
+    passed by keyword (``--input``); ``atol``/``rtol`` a float, ``"NAME:X"``
+    strings or a dict by output or parameter name.  ``save_golden`` stores the
+    inputs and the reference's outputs; ``golden`` replays stored inputs and
+    compares ``reference``'s outputs with the stored ones.  Outputs are judged by the
+    noise rule (:mod:`.noise`) unless tolerances are given or the candidate was cast;
+    ``strict`` fails outputs that prove nothing (all zero, constant, tiny).
     """
     say = progress or (lambda message: None)
     if params_only and outputs_only:
         raise UsageError(None, "--params-only and --outputs-only exclude each other")
-    tolerances = parse_tolerances(list(atol), list(rtol))
-    spec = models.parse_spec(model, model_args) if model else None
+    if example_inputs is not None and inputs_file is not None:
+        raise UsageError(None, "example_inputs and --inputs exclude each other")
+    inputs_file = example_inputs if example_inputs is not None else inputs_file
+    input_shapes = shape_list(input_shapes)
+    tolerances = parse_tolerances(atol, rtol)
+    spec = models.model_spec(model, model_args)
     devices = devices_for(device)
     ref_format = registry.detect(reference).NAME
     report = VerifyReport(
@@ -82,9 +100,10 @@ def verify(
         trust_code=trust_code,
     )
     if golden is not None:
-        return _replay(report, Path(golden), reference, spec, key, trust_code, tolerances, say)
-    runner_args = dict(spec=spec, key=key, trust_code=trust_code, notes=report.notes)
-    ref_runner = None if params_only else _runner(reference, **runner_args)
+        judge = Judge(tolerances, strict=strict)
+        return _replay(report, Path(golden), reference, spec, key, trust_code, judge, say)
+    build = functools.partial(_runner, spec=spec, key=key, trust_code=trust_code)
+    ref_runner = None if params_only else build(reference, notes=report.notes)
     report.reference_runner = ref_runner.label if ref_runner else None
     if not candidates:
         return _self_check(
@@ -93,15 +112,14 @@ def verify(
             input_shapes,
             input_dtype,
             inputs_file,
-            tolerances,
+            named_specs(named_inputs),
+            Judge(tolerances, strict=strict),
             save_golden,
             force,
             say,
         )
-    cand_runners = [None if params_only else _runner(c, **runner_args) for c in candidates]
-    for path, runner in zip(candidates, cand_runners, strict=True):
+    for path in candidates:  # parameters: one candidate's checkpoint open at a time
         cand = CandidateReport(path=str(path), format=registry.detect(path).NAME)
-        cand.runner = runner.label if runner else None
         if not outputs_only:
             say(f"comparing parameters: {reference} vs {path}")
             with (
@@ -111,6 +129,7 @@ def verify(
                 cand.parameters, cand.tied = compare_parameters(
                     ref_ckpt, cand_ckpt, tolerances=tolerances
                 )
+            cand.first_divergence = first_differing(cand)
         report.candidates.append(cand)
     if params_only:
         report.notes.append("outputs not checked: --params-only")
@@ -122,43 +141,84 @@ def verify(
                 "it (pass --model path.py:Class)"
             )
         return report
+    declaring = [ref_runner]
+    if not (input_shapes or inputs_file is not None or ref_runner.input_specs()):
+        declaring += _declaring_runner(candidates, build)  # an ONNX graph's inputs
     specs, tensors = resolve_inputs(
-        [ref_runner, *[r for r in cand_runners if r]],
-        shapes=list(input_shapes),
+        declaring,
+        shapes=input_shapes,
         dtype=input_dtype,
         inputs_file=inputs_file,
         seed=seed,
+        notes=report.notes,
+        named=named_specs(named_inputs),
     )
+    feed: Any = tensors  # by keyword, and to onnxruntime by name, when the inputs are named
+    if named_inputs or isinstance(example_inputs, Mapping):
+        feed = by_name(specs, tensors)
+    del declaring[1:]
+    ref_outs: dict[str, dict[str, torch.Tensor]] = {}
+    yards: dict[str, Yardstick | None] = {}
     for dev in devices:
         say(f"running {reference} on {dev}")
-        ref_out = ref_runner.run(tensors, device=dev)
-        if save_golden is not None and dev == devices[0]:
-            golden_io.save_golden(
-                save_golden,
-                specs,
-                tensors,
-                ref_out,
-                force=force,
-                metadata={"seed": seed, "versions": report.versions},
-            )
-        for cand, runner in zip(report.candidates, cand_runners, strict=True):
-            if runner is None:
-                cand.notes.append("outputs not checked: no model for this file")
-                continue
-            say(f"running {cand.path} on {dev}")
-            cand_out = runner.run(tensors, device=dev)
-            cand.outputs += _compare(ref_out, cand_out, tolerances, dev, cand)
-            cand.outputs_checked = True
-            cand.notes += [n for n in getattr(runner, "notes", []) if n not in cand.notes]
-            if not all(o.passed for o in cand.outputs) and ref_runner.is_torch and runner.is_torch:
-                cand.first_divergence = _divergence(ref_runner, runner, tensors, dev, tolerances)
+        ref_outs[dev] = ref_runner.run(feed, device=dev)
+        yards[dev] = yardstick(report, ref_runner, feed, ref_outs[dev], dev, say)
+    judge = Judge(tolerances, strict=strict)
+    if save_golden is not None:
+        _save_golden(report, save_golden, specs, tensors, ref_outs[devices[0]], force)
+    for path, cand in zip(candidates, report.candidates, strict=True):
+        runner = build(path, notes=report.notes)  # one candidate's model at a time
+        run_candidate(cand, runner, ref_runner, ref_outs, yards, feed, judge, say)
+        del runner
+        gc.collect()  # its model goes now, not when a cycle collection happens to run
     if len(devices) > 1:
-        _cross_device(report, ref_runner, tensors, devices, tolerances)
+        cross_device(report, ref_runner, ref_outs, judge)
     report.outputs_checked = any(c.outputs_checked for c in report.candidates)
     return report
 
 
-def _runner(path, *, spec, key, trust_code, notes: list[str]):
+def _declaring_runner(
+    candidates: tuple[PathLike, ...], build: Callable[..., Runner | None]
+) -> list[Runner]:
+    """The first candidate that declares its inputs, when the reference does not."""
+    for path in candidates:
+        runner = build(path, notes=[])
+        if runner is not None and runner.input_specs():
+            return [runner]
+    return []
+
+
+def _save_golden(
+    report: VerifyReport,
+    path: PathLike,
+    specs: list[InputSpec],
+    tensors: list[torch.Tensor] | dict[str, torch.Tensor],
+    outputs: dict[str, torch.Tensor],
+    force: bool,
+) -> None:
+    golden_io.save_golden(
+        path,
+        specs,
+        list(tensors.values()) if isinstance(tensors, Mapping) else tensors,
+        outputs,
+        force=force,
+        metadata={"seed": report.seed, "versions": report.versions},
+    )
+    if isinstance(tensors, Mapping):
+        tensors = list(tensors.values())
+    report.golden_written = (
+        f"{path}: {len(specs)} input(s) and {len(outputs)} output(s) of {report.reference}"
+    )
+
+
+def _runner(
+    path: PathLike,
+    *,
+    spec: models.ModelSpec | None,
+    key: str | None,
+    trust_code: bool,
+    notes: list[str],
+) -> Runner | None:
     """A runner, or None; a record naming classes not importable here only costs the outputs
     (the user asked for no model), while a bad ``--model`` is an error."""
     try:
@@ -177,73 +237,26 @@ def _runner(path, *, spec, key, trust_code, notes: list[str]):
         return None
 
 
-def _compare(ref_out, cand_out, tolerances: Tolerances, device: str, cand) -> list[OutputCheck]:
-    pairs, unmatched_ref, unmatched_cand = align_outputs(ref_out, cand_out)
-    checks = [
-        compare_outputs(name, a, b, tolerances=tolerances, device=device) for name, a, b in pairs
-    ]
-    for name in unmatched_ref:
-        cand.notes.append(f"output {name} of the reference has no counterpart")
-    for name in unmatched_cand:
-        cand.notes.append(f"output {name} of the candidate has no counterpart")
-    if unmatched_ref or unmatched_cand:
-        checks.append(_missing_output(device, len(ref_out), len(cand_out)))
-    return checks
-
-
-def _missing_output(device: str, n_ref: int, n_cand: int) -> OutputCheck:
-    nan = float("nan")
-    return OutputCheck(
-        name="(output count)",
-        device=device,
-        passed=False,
-        shape=[],
-        dtype="",
-        atol=0.0,
-        rtol=0.0,
-        max_abs=nan,
-        max_rel=nan,
-        mean_abs=nan,
-        fraction_out=1.0,
-        cosine=nan,
-        worst_index=[],
-        reference_value=float(n_ref),
-        candidate_value=float(n_cand),
-        needed_atol=nan,
-        note=f"reference has {n_ref} outputs, candidate {n_cand}",
-    )
-
-
-def _divergence(ref_runner, runner, tensors, device: str, tolerances: Tolerances) -> str | None:
-    ref_trace = capture_modules(ref_runner, tensors, device=device)
-    cand_trace = capture_modules(runner, tensors, device=device)
-    atol, rtol = tolerances.for_output("", ref_trace[0][1].dtype if ref_trace else "float32")
-    return first_divergence(ref_trace, cand_trace, atol=atol, rtol=rtol)
-
-
-def _cross_device(report, ref_runner, tensors, devices, tolerances) -> None:
-    """CPU against CUDA for the reference itself: kernels may differ, tolerances decide."""
-    base = ref_runner.run(tensors, device=devices[0])
-    for dev in devices[1:]:
-        other = ref_runner.run(tensors, device=dev)
-        cross = CandidateReport(
-            path=report.reference,
-            format=report.reference_format,
-            runner=ref_runner.label,
-            outputs_checked=True,
-        )
-        cross.outputs = _compare(base, other, tolerances, f"{devices[0]} vs {dev}", cross)
-        cross.notes.append(f"the reference on {devices[0]} against itself on {dev}")
-        report.candidates.append(cross)
-
-
 def _self_check(
-    report, runner, shapes, dtype, inputs_file, tolerances, save_golden, force, say
+    report: VerifyReport,
+    runner: Runner | None,
+    shapes: list[Any],
+    dtype: str | None,
+    inputs_file: Any,
+    named: list[InputSpec],
+    judge: Judge,
+    save_golden: PathLike | None,
+    force: bool,
+    say: Progress,
 ) -> VerifyReport:
     """One file: it loads strictly into its model, runs, and gives finite outputs."""
+    report.mode = "self-check"
     cand = CandidateReport(path=report.reference, format=report.reference_format)
     report.candidates.append(cand)
     if runner is None:
+        said = [n.partition(": ")[2] for n in report.notes if n.startswith(f"{report.reference}: ")]
+        if said:  # it describes a model that could not be built: say why, not "weights only"
+            raise UsageError(report.reference, said[0])
         raise UsageError(
             report.reference,
             "nothing to verify: one weights-only file and no model",
@@ -251,31 +264,43 @@ def _self_check(
         )
     cand.runner = runner.label
     specs, tensors = resolve_inputs(
-        [runner], shapes=list(shapes), dtype=dtype, inputs_file=inputs_file, seed=report.seed
+        [runner],
+        shapes=list(shapes),
+        dtype=dtype,
+        inputs_file=inputs_file,
+        seed=report.seed,
+        notes=cand.notes,
+        named=named,
     )
+    feed: Any = by_name(specs, tensors) if named else tensors
+    outputs: dict[str, dict[str, torch.Tensor]] = {}
     for dev in report.devices:
         say(f"running {report.reference} on {dev}")
-        out = runner.run(tensors, device=dev)
+        outputs[dev] = out = runner.run(feed, device=dev)
         for name, value in out.items():
-            check = compare_outputs(name, value, value, tolerances=tolerances, device=dev)
+            check = compare_outputs(name, value, value, tolerances=judge.tolerances, device=dev)
             check.passed = check.finite
             check.note = "finite" if check.finite else "non-finite values (NaN or inf)"
+            judge.flag(check, value, noise.parameter_scale(runner))
             cand.outputs.append(check)
-        if save_golden is not None and dev == report.devices[0]:
-            golden_io.save_golden(
-                save_golden,
-                specs,
-                tensors,
-                out,
-                force=force,
-                metadata={"seed": report.seed, "versions": report.versions},
-            )
+    if save_golden is not None:
+        _save_golden(report, save_golden, specs, tensors, outputs[report.devices[0]], force)
     cand.outputs_checked = report.outputs_checked = True
-    cand.notes.append("compatibility check: loads strictly, runs, outputs finite")
+    shown = ", ".join(f"{s.name} {'×'.join(map(str, s.shape))} {s.dtype}" for s in specs)
+    cand.notes.append(f"loads strictly and runs on {shown}")
     return report
 
 
-def _replay(report, golden_path: Path, path, spec, key, trust_code, tolerances, say):
+def _replay(
+    report: VerifyReport,
+    golden_path: Path,
+    path: PathLike,
+    spec: models.ModelSpec | None,
+    key: str | None,
+    trust_code: bool,
+    judge: Judge,
+    say: Progress,
+) -> VerifyReport:
     """Replay a golden file's inputs on ``path`` and compare with its stored outputs."""
     stored = golden_io.load_golden(golden_path)
     runner = make_runner(path, spec=spec, key=key, trust_code=trust_code)
@@ -285,15 +310,16 @@ def _replay(report, golden_path: Path, path, spec, key, trust_code, tolerances, 
             "cannot run this file to replay the golden inputs",
             remedy="pass --model path.py:Class",
         )
+    report.mode = "golden"
     report.reference, report.reference_format = str(golden_path), "golden"
-    report.reference_runner = "stored outputs"
+    report.reference_runner = None
     cand = CandidateReport(
         path=str(path), format=registry.detect(path).NAME, runner=runner.label, outputs_checked=True
     )
     for dev in report.devices:
         say(f"replaying {golden_path} on {path} ({dev})")
-        cand.outputs += _compare(
-            stored.outputs, runner.run(stored.tensors, device=dev), tolerances, dev, cand
+        cand.outputs += compare(
+            stored.outputs, runner.run(stored.tensors, device=dev), judge, dev, cand
         )
     report.candidates.append(cand)
     report.outputs_checked = True

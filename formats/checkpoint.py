@@ -17,10 +17,13 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import dtypes
-from .errors import FormatError, UsageError
+from .errors import FormatError, NnconvError, UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 # Metadata keys nnconv owns.  Everything else is the user's, carried as is.
 STRUCTURE_KEY = "nnconv.structure"
@@ -99,9 +102,10 @@ class LazyTensor:
             self._nbytes = self.numel * dtypes.DTYPES[self.dtype].itemsize
         return self._nbytes
 
-    def load(self):  # -> torch.Tensor
+    def load(self) -> torch.Tensor:
         """The values as a CPU ``torch.Tensor`` (possibly a read-only-backed mmap view)."""
-        return self._load()
+        tensor: torch.Tensor = self._load()
+        return tensor
 
 
 @dataclass
@@ -170,7 +174,7 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
-def flat_structure(names: list[str]) -> dict:
+def flat_structure(names: list[str]) -> dict[str, Any]:
     """The structure of a plain ``{name: tensor}`` dict (what foreign files hold)."""
     return {"d": [[n, {"t": n}] for n in names]}
 
@@ -242,7 +246,7 @@ def check_expansion(subject: str | None, what: str, nbytes: int, held: int) -> N
         )
 
 
-def depth_error(subject: str | None, error: type, where: str = "") -> Exception:
+def depth_error(subject: str | None, error: type[NnconvError], where: str = "") -> NnconvError:
     problem = f"{where}containers nested more than {MAX_DEPTH} deep"
     remedy = "nnconv refuses deeper nesting: the file is corrupt or crafted"
     return error(subject, problem, value=MAX_DEPTH + 1, limit=MAX_DEPTH, remedy=remedy)
@@ -301,7 +305,7 @@ def check_structure(subject: str, structure: Any) -> list[str]:
     return names
 
 
-def iter_leaves(node: Any) -> Iterator[dict]:
+def iter_leaves(node: Any) -> Iterator[dict[str, Any]]:
     """Tensor leaves of an encoded structure, depth first, in order (no recursion)."""
     stack = [node]
     while stack:
@@ -314,7 +318,7 @@ def iter_leaves(node: Any) -> Iterator[dict]:
         stack.extend(reversed(children))
 
 
-def tensor_bytes(t) -> memoryview:
+def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A tensor's values as contiguous little-endian bytes, without a copy when possible."""
     import torch
 
@@ -323,4 +327,4 @@ def tensor_bytes(t) -> memoryview:
         flat = flat.clone(memory_format=torch.contiguous_format)
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
-    return memoryview(flat.numpy()).cast("B")
+    return memoryview(flat.numpy().data).cast("B")

@@ -215,6 +215,7 @@ def place(path, placed, progress=None) -> None:
     :class:`rawio.SpanReader` (kernel copies of spans, torch values for the rest)."""
     fd = os.open(path, os.O_WRONLY)
     try:
+        rawio.preallocate(fd, os.fstat(fd).st_size)  # libhdf5 left the datasets as holes
         with rawio.SpanReader() as reader:
             done = 0
             for names, lazy, offset, nbytes in _runs(placed):

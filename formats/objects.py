@@ -9,6 +9,7 @@ lazily.  torch is imported only by the functions that need it.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import OrderedDict
 from collections.abc import Callable
@@ -41,7 +42,9 @@ class Describer:
     bounded by :func:`checkpoint.check_expansion` against their storages' total.
     """
 
-    def __init__(self, subject: str | None, tensor_leaf: Callable[[Any, str], dict | None]):
+    def __init__(
+        self, subject: str | None, tensor_leaf: Callable[[Any, str], dict[str, Any] | None]
+    ) -> None:
         self.subject = subject
         self.tensors: dict[str, LazyTensor] = {}
         self.aliases: dict[str, str] = {}
@@ -54,7 +57,7 @@ class Describer:
         self.nbytes = 0  # canonical tensors' bytes
         self._held: dict[Any, int] = {}  # storage identity -> bytes stored
 
-    def add(self, path: str, lazy: LazyTensor, key: Any = None) -> dict:
+    def add(self, path: str, lazy: LazyTensor, key: Any = None) -> dict[str, Any]:
         """Name a tensor after its path; one already seen under ``key`` becomes an alias."""
         count = len(self.tensors) + len(self.aliases) + 1
         if count > checkpoint.MAX_TENSORS:
@@ -163,7 +166,7 @@ class Describer:
         )
 
 
-def tensor_flags(leaf: dict, *, parameter: bool, requires_grad: bool) -> dict:
+def tensor_flags(leaf: dict[str, Any], *, parameter: bool, requires_grad: bool) -> dict[str, Any]:
     """Record nn.Parameter and requires_grad on a leaf, as :func:`to_object` restores them."""
     if parameter:
         leaf["p"] = 1
@@ -181,10 +184,10 @@ def from_object(obj: Any, *, subject: str | None = None) -> Checkpoint:
     :func:`checkpoint.check_expansion` allows over its storage is refused."""
     import torch
 
-    def tensor_leaf(t: Any, path: str) -> dict | None:
+    def tensor_leaf(t: Any, path: str) -> dict[str, Any] | None:
         if not isinstance(t, torch.Tensor):
             return None
-        if isinstance(t, torch.nn.parameter.UninitializedTensorMixin) or t.is_meta:
+        if isinstance(t, torch.nn.parameter.UninitializedTensorMixin) or t.is_meta:  # type: ignore[attr-defined]
             raise LazyParameterError(
                 subject,
                 f"{path or 'the object'} is an uninitialised lazy parameter with no shape or "
@@ -206,7 +209,7 @@ def from_object(obj: Any, *, subject: str | None = None) -> Checkpoint:
             # Strides of size-1 dimensions do not matter (and view() resets them).
             stride = tuple(0 if n == 1 else st for n, st in zip(t.shape, t.stride(), strict=True))
             key = (storage.data_ptr(), held, t.storage_offset(), tuple(t.shape), stride, t.dtype)
-        lazy = LazyTensor(dtype, tuple(t.shape), lambda t=t: t.cpu())
+        lazy = LazyTensor(dtype, tuple(t.shape), functools.partial(torch.Tensor.cpu, t))
         leaf = describer.add(path, lazy, key)
         return tensor_flags(leaf, parameter=parameter, requires_grad=requires_grad)
 
@@ -220,7 +223,7 @@ def to_object(ckpt: Checkpoint) -> Any:
 
     loaded: dict[str, torch.Tensor] = {}
 
-    def tensor(leaf: dict) -> torch.Tensor:
+    def tensor(leaf: dict[str, Any]) -> torch.Tensor:
         name = leaf["t"]
         canonical = ckpt.aliases.get(name, name)
         if canonical not in loaded:
@@ -254,6 +257,10 @@ def to_object(ckpt: Checkpoint) -> Any:
     return build(ckpt.structure)
 
 
+def _cast_one(lazy: LazyTensor, target: Any) -> Any:
+    return lazy.load().to(target)
+
+
 def cast(ckpt: Checkpoint, dtype: str) -> Checkpoint:
     """A view of ``ckpt`` whose floating tensors load as ``dtype`` (one at a time)."""
     import torch
@@ -266,7 +273,7 @@ def cast(ckpt: Checkpoint, dtype: str) -> Checkpoint:
     tensors = {}
     for name, lazy in ckpt.tensors.items():
         if dtypes.DTYPES[lazy.dtype].floating and lazy.dtype != dtype:
-            lazy = LazyTensor(dtype, lazy.shape, lambda src=lazy: src.load().to(target))
+            lazy = LazyTensor(dtype, lazy.shape, functools.partial(_cast_one, lazy, target))
         tensors[name] = lazy
     metadata = {**ckpt.metadata, CAST_KEY: dtype}
     return Checkpoint(

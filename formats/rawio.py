@@ -11,6 +11,7 @@ back to their torch values.  Nothing here holds more than one tensor's bytes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import mmap
 import os
@@ -260,6 +261,35 @@ class Placer:
         if self.buf:
             write_all(self.fd, self.buf, self.at)
             self.buf.clear()
+
+
+_FALLOCATE: list = []  # [libc's fallocate, or None]: looked up once
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Reserve the blocks of a new output of ``size`` bytes at once (``fallocate(2)``, Linux).
+
+    The copies then fill allocated extents instead of allocating block by block: measured
+    on ext4, 2 GiB placed with ``copy_file_range`` took 0.78x the wall and 0.8x the system
+    time (median of 10 alternated pairs).  A full disk or a file-size limit fails here, before
+    any copy; where the call is missing or the file system cannot (tmpfs on old kernels,
+    network file systems) nothing is reserved.  ``os.posix_fallocate`` is not used: where
+    the file system cannot, glibc writes zeros over the whole size instead."""
+    if not _FALLOCATE:
+        try:
+            function = ctypes.CDLL(None, use_errno=True).fallocate
+            function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            function.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            function = None
+        _FALLOCATE.append(function)
+    function = _FALLOCATE[0]
+    if function is None or size <= 0:
+        return
+    if function(fd, 0, 0, size) != 0:
+        code = ctypes.get_errno()
+        if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise OSError(code, os.strerror(code))
 
 
 def write_all(fd: int, data: memoryview | bytes, offset: int) -> None:

@@ -21,6 +21,7 @@ ADAPTERS: dict[str, ModuleType] = {
     m.NAME: m for m in (pt_format, safetensors_format, hdf5_format, onnx_format)
 }
 HEAD_BYTES = 64
+HF_CONFIG, HF_PT_WEIGHTS = "config.json", "pytorch_model.bin"
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
@@ -67,7 +68,10 @@ def detect(path: str | os.PathLike[str], *, format: str | None = None) -> Module
         raise FormatError(path, "file is empty")
     if path.is_dir():
         _check_folder(path)
-    found = next((a for a in ADAPTERS.values() if a.sniff(path, head)), None)
+    if path.is_dir() and weights_file(path) != path:  # save_pretrained's pytorch_model.bin
+        found = pt_format
+    else:
+        found = next((a for a in ADAPTERS.values() if a.sniff(path, head)), None)
     if forced is not None:
         if found is not None and found is not forced:
             raise FormatError(path, f"--from {forced.NAME} was given but the file is {found.NAME}")
@@ -92,6 +96,8 @@ def _check_folder(path: Path) -> None:
             found.setdefault(adapter.NAME, []).append(name)
     if list(found) == ["safetensors"] and len(found["safetensors"]) == 1:
         return
+    if weights_file(path) != path:
+        return
     shown = "; ".join(f"{fmt}: {', '.join(names[:5])}" for fmt, names in found.items())
     raise FormatError(
         path,
@@ -100,6 +106,16 @@ def _check_folder(path: Path) -> None:
         + f" and no {sharding.INDEX_NAME}",
         remedy="name the file to read",
     )
+
+
+def weights_file(path: Path) -> Path:
+    """The one weight file of a folder ``save_pretrained`` wrote in the old format
+    (``config.json`` beside a single ``pytorch_model.bin``, no safetensors); else ``path``."""
+    names = os.listdir(path) if path.is_dir() else []
+    weights = [n for n in names if n.endswith((".bin", ".safetensors", ".index.json"))]
+    if weights == [HF_PT_WEIGHTS] and HF_CONFIG in names and (path / HF_PT_WEIGHTS).is_file():
+        return path / HF_PT_WEIGHTS
+    return path
 
 
 def for_destination(path: str | os.PathLike[str], *, missing_ok: bool = True) -> ModuleType:

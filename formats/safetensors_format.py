@@ -308,6 +308,7 @@ def _write_file(
     start = 8 + len(raw)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
+        rawio.preallocate(fd, start + offset)
         with rawio.Placer(reader, fd) as placer:
             placer.put(0, struct.pack("<Q", len(raw)) + raw)
             for name, lazy, at in placed:

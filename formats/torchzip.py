@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from .checkpoint import LazyTensor
 from .errors import FormatError
-from .rawio import Placer
+from .rawio import Placer, preallocate
 
 ALIGNMENT = 64  # torch's record alignment (so that records can be memory-mapped)
 ZIP64_LIMIT = 0xFFFFFFFF  # sizes and offsets at or above this need zip64 fields
@@ -326,6 +326,7 @@ def write(path: Path, pickle: bytes, storages: list[tuple[LazyTensor, str]], rea
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     done = 0
     try:
+        preallocate(fd, end)  # the central directory after it is small
         with Placer(reader, fd) as placer:
             for entry, content in zip(entries, contents, strict=True):
                 placer.put(entry.header, _local_header(entry))  # its CRC comes after the data

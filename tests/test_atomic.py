@@ -119,7 +119,7 @@ def test_existing_destination_is_replaced_only_with_force(tmp_path):
     dst = tmp_path / "out.bin"
     dst.write_bytes(b"old")
     ran = False
-    with pytest.raises(DestinationError, match="--force"), atomic_output(dst) as tmp:
+    with pytest.raises(DestinationError, match="force=True"), atomic_output(dst) as tmp:
         ran = True
         tmp.write_bytes(b"new")
     assert not ran, "the block ran although the destination exists"

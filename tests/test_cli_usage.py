@@ -70,7 +70,7 @@ def test_unsupported_extensions_are_named_as_such(tmp_path, name):
     assert not (tmp_path / name).exists()
 
 
-@pytest.mark.parametrize("module", ["nnconv.converter", "nnconv.converter.cli"])
+@pytest.mark.parametrize("module", ["nnconv", "nnconv.converter", "nnconv.converter.cli"])
 def test_python_dash_m_runs_the_cli(module):
     run = subprocess.run([sys.executable, "-m", module, "formats"], capture_output=True, text=True)
     assert run.returncode == 0 and "safetensors" in run.stdout, run.stderr

@@ -14,7 +14,7 @@ from helpers import Payload
 from safetensors.torch import load_file
 from zoo import MODELS_FILE, ZOO, build, fixture_models, spec
 
-from nnconv.converter import convert, inspect, load
+from nnconv import convert, inspect, load
 from nnconv.converter.convert import OnnxOptions
 from nnconv.converter.inputs import example_tensors, input_specs
 from nnconv.converter.record import ARCHITECTURE_KEY

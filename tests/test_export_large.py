@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from nnconv.converter import convert, load
+from nnconv import convert, load
 from nnconv.converter.export import export_onnx
 from nnconv.converter.inputs import input_specs
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import assert_same, assert_shares_storage, tensors_in
 
-from nnconv.converter import convert, load
+from nnconv import convert, load
 from nnconv.formats import registry, to_object
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnconv.converter import inspect, load, save
+from nnconv import inspect, load, save
 from nnconv.formats import from_object, hdf5_probe
 from nnconv.formats.errors import FormatError
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from helpers import assert_same
 
-from nnconv.converter import convert, load, save
+from nnconv import convert, load, save
 from nnconv.formats import Checkpoint, LazyTensor, from_object, hdf5_format, to_object
 from nnconv.formats.options import WriteOptions
 
@@ -159,7 +159,7 @@ def test_a_wrong_sized_load_is_refused(tmp_path: Path) -> None:
 NO_TORCH = textwrap.dedent(
     """
     import sys
-    from nnconv.converter import convert, inspect
+    from nnconv import convert, inspect
     convert(sys.argv[1], sys.argv[2])
     convert(sys.argv[2], sys.argv[3])
     report = inspect(sys.argv[3])

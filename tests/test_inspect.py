@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 from zoo import fixture_models
 
-from nnconv.converter import inspect, save
+from nnconv import inspect, save
 from nnconv.converter.inspect import InspectReport, TensorRow, human_bytes
 from nnconv.converter.layers import MAX_DEPTH, build_tree, infer_kind
 from nnconv.formats.errors import NnconvError
@@ -331,7 +331,7 @@ def test_inspect_does_not_import_torch(tmp_path, kind):
     code = textwrap.dedent(
         f"""
         import json, sys
-        from nnconv.converter import inspect
+        from nnconv import inspect
         report = inspect({str(path)!r})
         assert 'fc: Linear(3 → 4, bias=False)' in report.render()
         json.dumps(report.to_json())
@@ -395,3 +395,29 @@ def test_human_bytes():
     assert human_bytes(1536) == "1.5 KiB"
     assert human_bytes(int(1.2 * 2**20)) == "1.2 MiB"
     assert human_bytes(3 * 2**40) == "3.0 TiB"
+
+
+def test_grouped_depthwise_and_transposed_conv1d_kinds():
+    """A depthwise convolution's weight holds one input channel per group, and
+    transformers' Conv1D stores a Linear transposed: neither is what its shape first says
+    (#12: labelled ``Conv2d(1 → C)`` and ``Linear`` before)."""
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3),
+        torch.nn.Conv2d(32, 32, 3, groups=32),
+        torch.nn.Conv2d(32, 64, 1),
+        torch.nn.Conv2d(64, 64, 3, groups=4),
+    )
+    rows = [(k, "float32", tuple(v.shape)) for k, v in net.state_dict().items()]
+    rows += [("attn.c_attn.weight", "float32", (64, 192)), ("attn.c_attn.bias", "float32", (192,))]
+    kinds = {n.path: n.kind for n in _nodes(build_tree(rows))}
+    assert kinds["0"] == "Conv2d(3 → 32, 3×3)"
+    assert kinds["1"] == "Conv2d(32 → 32, 3×3, groups=32, depthwise)"
+    assert kinds["2"] == "Conv2d(32 → 64, 1×1)"
+    assert kinds["3"] == "Conv2d(64 → 64, 3×3, groups=4)"
+    assert kinds["attn.c_attn"] == "Conv1D(64 → 192, transposed)"
+
+
+def _nodes(node):
+    yield node
+    for child in node.children:
+        yield from _nodes(child)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import assert_same
 
-from nnconv.converter import convert, load
+from nnconv import convert, load
 from nnconv.formats import to_object
 
 # Keras 3 defaults to TensorFlow; torch is what this project always has.

@@ -21,7 +21,7 @@ import pytest
 import torch
 from helpers import assert_same
 
-from nnconv.converter import inspect, load, save
+from nnconv import inspect, load, save
 from nnconv.converter.cli import cli
 from nnconv.formats import checkpoint, hdf5_format, to_object
 from nnconv.formats.checkpoint import MAX_DEPTH, STRUCTURE_KEY, from_records

@@ -680,7 +680,7 @@ def test_check_names_every_offending_global():
     for name in info.value.globals:
         assert name in message
     assert "torch._utils" not in message and "OrderedDict" not in message
-    assert "--trust-code" in message
+    assert "trust_code=True" in message and "--trust-code" in info.value.cli_message()
 
 
 def test_check_passes_allowlisted_globals():

@@ -35,7 +35,7 @@ from helpers import assert_same, assert_shares_storage, tensors_in
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nnconv.converter import convert, load, save
+from nnconv import convert, load, save
 from nnconv.formats import UnsupportedError, to_object
 from nnconv.formats.checkpoint import CAST_KEY
 from nnconv.formats.dtypes import DTYPES

@@ -12,7 +12,7 @@ import torch
 from helpers import assert_same, assert_shares_storage
 from safetensors.torch import load_file, save_file
 
-from nnconv.converter import convert, load, save
+from nnconv import convert, load, save
 from nnconv.formats import FormatError, UsageError, to_object
 from nnconv.formats.sharding import INDEX_NAME, parse_size
 

@@ -188,7 +188,7 @@ def test_globals_listed_without_unpickling(tmp_path):
 def test_custom_setstate_is_refused_without_running(tmp_path, no_jit):
     path = tmp_path / "stateful.pt"
     torch.jit.save(torch.jit.script(Stateful()), path)
-    with pytest.raises(UntrustedCodeError, match="--trust-code.*__setstate__|__getstate__"):
+    with pytest.raises(UntrustedCodeError, match="trust_code=True.*__setstate__|__getstate__"):
         pt_format.read(path)
     assert not no_jit.exists()
 
@@ -237,7 +237,7 @@ def test_code_is_never_compiled(tmp_path, no_jit):
 def test_unmodelled_archives_need_trust(tmp_path, no_jit, what, edit):
     path, _ = _save(tmp_path, "block", "script")
     bad = _rewrite(path, tmp_path / "bad.pt", edit)
-    with pytest.raises(UntrustedCodeError, match=f"needs --trust-code.*{what}"):
+    with pytest.raises(UntrustedCodeError, match=f"needs trust_code=True.*{what}"):
         pt_format.read(bad)
     assert not no_jit.exists()
 

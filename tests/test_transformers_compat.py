@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from nnconv.converter import convert
+from nnconv import convert
 
 
 def test_from_pretrained_loads_nnconv_shards(tmp_path):

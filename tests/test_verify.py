@@ -14,7 +14,7 @@ import torch
 from helpers import Payload
 from zoo import ZOO, build, spec
 
-from nnconv.converter import convert, save
+from nnconv import convert, save
 from nnconv.converter.convert import OnnxOptions
 from nnconv.converter.verify import verify
 
