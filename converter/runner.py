@@ -89,12 +89,18 @@ class TorchRunner:
         return specs or None
 
     def run(self, inputs: Feed, *, device: str = "cpu") -> dict[str, torch.Tensor]:
+        if isinstance(inputs, Mapping):  # --input NAME=...: by keyword
+            return self._call(device, [], dict(inputs))
+        return self._call(device, list(inputs), {})
+
+    def _call(self, device: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The module on ``device`` in eval mode, called without autograd at full precision;
+        its outputs as named CPU leaves, a failure as one UsageError naming the file."""
         import torch
 
         module = self.module.to(device).eval()
-        named = inputs if isinstance(inputs, Mapping) else {}  # --input NAME=...: by keyword
-        args = [t.to(device) for t in inputs] if not named else []
-        kwargs = {k: v.to(device) for k, v in named.items()}
+        args = [t.to(device) for t in args]
+        kwargs = {k: v.to(device) for k, v in kwargs.items()}
         try:
             with torch.no_grad(), _full_precision(device):
                 result = module(*args, **kwargs)
@@ -112,20 +118,9 @@ class HFRunner(TorchRunner):
     def input_specs(self) -> list[InputSpec] | None:
         return [InputSpec.from_json(s) for s in (self.model.record or {}).get("inputs", [])]
 
-    def run(self, inputs, *, device: str = "cpu") -> dict[str, torch.Tensor]:
-        import torch
-
+    def run(self, inputs: Feed, *, device: str = "cpu") -> dict[str, torch.Tensor]:
         names = [s.name for s in self.input_specs() or []]
-        kwargs = {k: v.to(device) for k, v in hf.keyword_inputs(names, inputs).items()}
-        module = self.module.to(device).eval()
-        try:
-            with torch.no_grad(), _full_precision(device):
-                result = module(**kwargs)
-        except NnconvError:
-            raise
-        except Exception as exc:
-            raise _run_failed(self.path, self.label, device, exc) from None
-        return {k: v.detach().cpu() for k, v in flatten(result).items()}
+        return self._call(device, [], hf.keyword_inputs(names, inputs))
 
 
 @dataclass

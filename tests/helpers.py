@@ -147,3 +147,35 @@ class Payload:
 
     def __reduce__(self):
         return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+# Source for a fresh interpreter: ``peak_anon(fn)`` runs ``fn`` and returns (its result,
+# how far RssAnon rose above where it was before, in bytes), sampled every millisecond
+# from a thread: the memory tests of conversions and of verify share it.
+PEAK_ANON = """
+import threading, time
+
+def anon():
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+
+def peak_anon(fn):
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], anon())
+            time.sleep(0.001)
+
+    before = anon()
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        thread.join()
+    return result, max(peak[0], anon()) - before
+"""

@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import PEAK_ANON
 
 from nnconv.converter.convert import convert
 
@@ -58,31 +59,14 @@ def test_anonymous_memory_does_not_grow_with_the_model(sources, src, dst):
     """Peak RssAnon while converting, sampled every millisecond, over the process's own
     before the conversion: the bytes go through file mappings and kernel copies."""
     result = _run(
-        f"""
-        import json, threading, time
-        from nnconv.converter.convert import convert
+        PEAK_ANON
+        + f"""
+import json
+from nnconv.converter.convert import convert
 
-        def anon():
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("RssAnon:"):
-                        return int(line.split()[1]) * 1024
-
-        peak, done = [0], threading.Event()
-
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], anon())
-                time.sleep(0.001)
-
-        before = anon()
-        thread = threading.Thread(target=sample)
-        thread.start()
-        convert({str(sources / src)!r}, {str(sources / dst)!r}, force=True)
-        done.set()
-        thread.join()
-        print(json.dumps({{"growth": max(peak[0], anon()) - before}}))
-        """
+_, growth = peak_anon(lambda: convert({str(sources / src)!r}, {str(sources / dst)!r}, force=True))
+print(json.dumps({{"growth": growth}}))
+"""
     )
     growth_mib = result["growth"] / 2**20
     assert growth_mib < GROWTH_LIMIT_MIB, f"{src} -> {dst}: anonymous RSS grew {growth_mib:.0f} MiB"

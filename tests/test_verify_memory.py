@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
+from helpers import PEAK_ANON
 
 from nnconv.converter.convert import convert
 
@@ -46,43 +46,26 @@ def files(tmp_path_factory):
 
 
 def test_peak_does_not_grow_with_the_number_of_candidates(files):
-    code = f"""
-        import json, threading, time
-        from nnconv.converter.verify import verify
+    code = (
+        PEAK_ANON
+        + f"""
+import json
+from nnconv.converter.verify import verify
 
-        def anon():
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("RssAnon:"):
-                        return int(line.split()[1]) * 1024
-
-        folder = {str(files)!r}
-        model, shape = folder + "/big.py:Big", ["2,4096"]
-        names = [folder + "/c%d" % i + ext for i, ext in
-                 ((1, ".safetensors"), (2, ".h5"), (3, ".pt"), (4, ".safetensors"))]
-        peaks = {{}}
-        for count in (1, 1, 4):  # the first run warms torch and the runners up
-            peak, done = [0], threading.Event()
-
-            def sample():
-                while not done.is_set():
-                    peak[0] = max(peak[0], anon())
-                    time.sleep(0.001)
-
-            before = anon()
-            thread = threading.Thread(target=sample)
-            thread.start()
-            report = verify(folder + "/ref.pt", *names[:count], model=model,
-                            input_shapes=shape)
-            done.set()
-            thread.join()
-            assert report, report.render()
-            peaks[count] = (max(peak[0], anon()) - before) / 2**20
-        print(json.dumps(peaks))
-        """
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300
+folder = {str(files)!r}
+names = [folder + "/" + n for n in ("c1.safetensors", "c2.h5", "c3.pt", "c4.safetensors")]
+peaks = {{}}
+for count in (1, 1, 4):  # the first run warms torch and the runners up
+    report, grown = peak_anon(
+        lambda: verify(folder + "/ref.pt", *names[:count], model=folder + "/big.py:Big",
+                       input_shapes=["2,4096"])
     )
+    assert report, report.render()
+    peaks[count] = grown / 2**20
+print(json.dumps(peaks))
+"""
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     peaks = json.loads(out.stdout.strip().splitlines()[-1])
     one, four = peaks["1"], peaks["4"]
