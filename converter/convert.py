@@ -19,6 +19,7 @@ from nnconv.formats.options import WriteOptions
 from . import hf, models
 from . import record as arch
 from .export import EXTERNAL_DATA_THRESHOLD, ExportResult, export_onnx
+from .golden import check_declared_size
 from .inputs import (
     ExampleInputs,
     InputSpec,
@@ -272,6 +273,8 @@ def _export(
     loaded = models.load_model(src, spec=spec, key=key, trust_code=trust_code)
     _, tensors, by_name = examples
     keywords = by_name or (loaded.source == hf.SOURCE and not inputs)  # input_ids=...
+    if not inputs and (declared := _recorded_inputs(loaded)):
+        check_declared_size(declared)  # a file's claim: at most 256 MiB of random inputs
     inputs = inputs or _recorded_inputs(loaded) or _derived_inputs(loaded, dst)
     metadata = {}
     if loaded.source == hf.SOURCE:  # transformers' class and config, not a module record
@@ -363,6 +366,7 @@ def _derived_inputs(loaded: models.LoadedModel, dst: Path) -> list[InputSpec]:
 
 
 def _recorded_inputs(loaded: models.LoadedModel) -> list[InputSpec]:
+    """The inputs a record (or an HF config) declares: claims, bounded where they are made."""
     if loaded.record and loaded.record.get("inputs"):
         return [InputSpec.from_json(i) for i in loaded.record["inputs"]]
     return []

@@ -184,7 +184,7 @@ def resolve_inputs(
         if dtype:
             dtypes.get(dtype)
         specs = [dataclasses.replace(s, dtype=dtype) if dtype else s for s in declared]
-        _check_declared_size(specs)
+        check_declared_size(specs)
     else:
         specs = _derived(runners, dtype, notes)
     return specs, list(example_tensors(specs, seed=seed))
@@ -210,7 +210,7 @@ def _derived(runners: Sequence[Any], dtype: str | None, notes: list[str] | None)
     return specs
 
 
-def _check_declared_size(specs: list[InputSpec]) -> None:
+def check_declared_size(specs: list[InputSpec]) -> None:
     """Shapes a file declares (record, ONNX graph) are claims: bound what they allocate."""
     total = sum(dtypes.numel(s.shape) * dtypes.get(s.dtype).itemsize for s in specs)
     if total > MAX_DECLARED_INPUT_BYTES:

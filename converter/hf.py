@@ -88,8 +88,9 @@ def read_config(folder: Path) -> dict:
 
 
 def transformers_module():
-    """``import transformers``, offline; its absence is one UsageError line."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded, ever
+    """``import transformers``; its absence is one UsageError line.  Nothing is downloaded:
+    every load passes ``local_files_only=True`` (the process's HF_HUB_OFFLINE is the user's
+    to set, not a library's)."""
     try:
         import transformers
     except ImportError:

@@ -261,3 +261,28 @@ def test_when_every_exporter_fails_each_error_is_shown(tmp_path):
         export_onnx(Bad(), tmp_path / "bad.onnx", inputs=input_specs(["3,3"]))
     problem = info.value.problem
     assert "the dynamo exporter failed" in problem and "the TorchScript exporter failed" in problem
+
+
+@pytest.mark.parametrize(
+    ("claims", "command"),
+    [
+        ({"hidden_size": 65536, "intermediate_size": 262144, "num_hidden_layers": 64}, "verify"),
+        ({"vocab_size": 10**9, "num_hidden_layers": 64}, "convert"),
+        ({"max_position_embeddings": 10**9}, "verify"),
+    ],
+)
+def test_a_config_claiming_a_huge_model_costs_what_the_files_hold(
+    transformers, tmp_path, claims, command
+):
+    """A hostile config.json over tiny weights: one error line, bounded memory and time
+    (transformers builds on the meta device and checks the weights' shapes)."""
+    from redteam import nnconv
+
+    folder = save_folder(tiny(transformers, "bert")[0], tmp_path / "bert")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **claims}))
+    other = folder / "model.safetensors" if command == "verify" else tmp_path / "m.onnx"
+    run = nnconv(command, folder, other, cwd=tmp_path)
+    run.assert_bounded()
+    run.assert_refused(folder)
+    assert not (tmp_path / "m.onnx").exists()

@@ -116,10 +116,12 @@ def test_record_asking_for_a_huge_builtin_allocates_nothing(tmp_path):
 
 def test_record_declaring_huge_inputs_is_refused(tmp_path):
     src = _linear(tmp_path, 2, [100000, 100000, 2])
-    run = nnconv("verify", src, src, cwd=tmp_path)
-    run.assert_bounded()
-    run.assert_refused()
-    assert "--input-shape" in run.error_line
+    for args in (["verify", src, src], ["convert", src, tmp_path / "w.onnx"]):  # both paths
+        run = nnconv(*args, cwd=tmp_path)
+        run.assert_bounded()
+        run.assert_refused()
+        assert "--input-shape" in run.error_line
+    assert not (tmp_path / "w.onnx").exists()
 
 
 class _Reduce:
