@@ -83,7 +83,10 @@ def _tolerance_options(command):
     """``--atol``/``--rtol``, the same on ``verify`` and ``convert --verify``."""
     for flag, kind, letter in (("--rtol", "Relative", "Y"), ("--atol", "Absolute", "X")):
         command = click.option(
-            flag, multiple=True, help=f"{kind} tolerance {letter} or NAME:{letter} (repeatable)."
+            flag,
+            multiple=True,
+            help=f"{kind} tolerance {letter} or NAME:{letter} (repeatable; instead of the "
+            "noise rule).",
         )(command)
     return command
 

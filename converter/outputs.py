@@ -58,8 +58,8 @@ def run_candidate(
         cand.outputs += compare(ref_out, out, judge, dev, cand, yards.get(dev))
         cand.outputs_checked = True
     cand.notes += [n for n in getattr(runner, "notes", []) if n not in cand.notes]
-    differs = not all(o.passed for o in cand.outputs) or not all(
-        c.status in ("identical", "cast") for c in cand.parameters
+    differs = not all(o.passed for o in cand.outputs) or any(
+        c.status == "different" for c in cand.parameters
     )
     if differs and ref_runner.is_torch and runner.is_torch:
         dev = next(iter(ref_outs))
