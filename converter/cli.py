@@ -18,6 +18,7 @@ import click
 from nnconv.formats import dtypes, registry, sharding
 from nnconv.formats.errors import NnconvError
 
+from . import past
 from .export import EXPORT_FORMAT, EXPORTERS
 from .inspect import human_bytes
 
@@ -81,13 +82,9 @@ def cli() -> None:
 
 def _tolerance_options(command):
     """``--atol``/``--rtol``, the same on ``verify`` and ``convert --verify``."""
-    for flag, kind, letter in (("--rtol", "Relative", "Y"), ("--atol", "Absolute", "X")):
-        command = click.option(
-            flag,
-            multiple=True,
-            help=f"{kind} tolerance {letter} or NAME:{letter} (repeatable; instead of the "
-            "noise rule).",
-        )(command)
+    for flag, kind, x in (("--rtol", "Relative", "Y"), ("--atol", "Absolute", "X")):
+        text = f"{kind} tolerance {x} or NAME:{x} (repeatable; instead of the noise rule)."
+        command = click.option(flag, multiple=True, help=text)(command)
     return command
 
 
@@ -128,6 +125,7 @@ def _tolerance_options(command):
     "--verify", "then_verify", is_flag=True, help="Verify DST against SRC (exit 1 if they differ)."
 )
 @_tolerance_options
+@past.option
 def convert(
     src,
     dst,
@@ -153,6 +151,7 @@ def convert(
     then_verify,
     atol,
     rtol,
+    with_past,
 ):
     """Convert SRC into DST (format from --to, else from DST's extension).
 
@@ -171,6 +170,7 @@ def convert(
         exporter=exporter,
         optimize=optimize,
         allow_missing=allow_missing,
+        with_past=with_past,
     )
     bar = _progress_bar()
     try:
@@ -272,9 +272,7 @@ def _summary(result) -> str:
 @_tolerance_options
 @click.option("--params-only", is_flag=True, help="Compare parameters only.")
 @click.option("--outputs-only", is_flag=True, help="Compare forward outputs only.")
-@click.option(
-    "--strict", is_flag=True, help="Fail outputs that prove nothing (all zero, constant, tiny)."
-)
+@click.option("--strict", is_flag=True, help="Fail outputs that prove nothing (all zero, tiny).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random inputs.")
 @click.option("--json", "json_path", help="Write the JSON report to PATH (- for stdout).")
 @click.option("--save-golden", help="Store the inputs and reference outputs (.safetensors).")

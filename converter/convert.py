@@ -16,7 +16,7 @@ from nnconv.formats.errors import UsageError
 from nnconv.formats.objects import cast, from_object
 from nnconv.formats.options import WriteOptions
 
-from . import hf, models
+from . import hf, models, past
 from . import record as arch
 from .export import EXTERNAL_DATA_THRESHOLD, ExportResult, export_onnx
 from .golden import check_declared_size
@@ -49,6 +49,7 @@ class OnnxOptions:
     exporter: str = "auto"  # "auto" (dynamo, then TorchScript) | "dynamo" | "torchscript"
     optimize: bool = False  # let the exporter fold constants (changes parameters)
     allow_missing: bool = False  # ONNX import: leave out keys that cannot be recovered
+    with_past: bool = False  # HF decoder LMs: past key/values as inputs and outputs
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
 
 
@@ -150,6 +151,7 @@ def convert(
     exporter: str | None = None,
     optimize: bool | None = None,
     allow_missing: bool | None = None,
+    with_past: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ConvertResult:
     """Convert ``src`` into ``dst`` losslessly (or cast floats to ``dtype``).
@@ -164,7 +166,7 @@ def convert(
     keyword and the graph's inputs take those names), ``example_inputs`` the tensors
     to export with (a tensor, a tuple, or a dict by input name); ONNX options come as
     keywords (``opset=17``, ``dynamic_batch=False``, ``exporter``, ``optimize``,
-    ``allow_missing``) or as one :class:`OnnxOptions`.
+    ``allow_missing``, ``with_past``) or as one :class:`OnnxOptions`.
     The destination is written atomically and never equals the source.
     ``progress(done_bytes, total_bytes)`` is called as tensors are written.
     """
@@ -180,7 +182,7 @@ def convert(
         dst, source=src, extension=dst_adapter.EXTENSIONS[0], sharded=bool(shard_size), force=force
     )
     spec = models.model_spec(model, model_args)
-    onnx = _onnx_options(onnx, opset, dynamic_batch, exporter, optimize, allow_missing)
+    onnx = _onnx_options(onnx, opset, dynamic_batch, exporter, optimize, allow_missing, with_past)
     examples = given_inputs(example_inputs, input_shapes, input_dtype)
     if named_inputs:  # --input NAME=SHAPE[:DTYPE]: exported by keyword, graph inputs named so
         if input_shapes or input_dtype or example_inputs is not None:
@@ -273,6 +275,8 @@ def _export(
     loaded = models.load_model(src, spec=spec, key=key, trust_code=trust_code)
     _, tensors, by_name = examples
     keywords = by_name or (loaded.source == hf.SOURCE and not inputs)  # input_ids=...
+    if options.with_past:  # the wrapper takes the past positionally, named in the graph
+        loaded, keywords = past.prepare(loaded, bool(inputs or tensors)), False
     if not inputs and (declared := _recorded_inputs(loaded)):
         check_declared_size(declared)  # a file's claim: at most 256 MiB of random inputs
     inputs = inputs or _recorded_inputs(loaded) or _derived_inputs(loaded, dst)
@@ -297,6 +301,7 @@ def _export(
         metadata=metadata,
         keywords=keywords,
         examples=tensors,
+        output_names=past.output_names(loaded.record),
     )
     state = loaded.module.state_dict()
     return ConvertResult(
@@ -320,6 +325,7 @@ def _onnx_options(
     exporter: str | None,
     optimize: bool | None,
     allow_missing: bool | None,
+    with_past: bool | None = None,
 ) -> OnnxOptions:
     """One :class:`OnnxOptions` from the object and the keywords (which win where given)."""
     given: dict[str, Any] = dict(
@@ -328,6 +334,7 @@ def _onnx_options(
         exporter=exporter,
         optimize=optimize,
         allow_missing=allow_missing,
+        with_past=with_past,
     )
     return replace(onnx or OnnxOptions(), **{k: v for k, v in given.items() if v is not None})
 

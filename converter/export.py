@@ -66,11 +66,12 @@ def export_onnx(
     metadata: dict[str, str] | None = None,
     keywords: bool = False,
     examples: tuple | None = None,
+    output_names: list[str] | None = None,
 ) -> ExportResult:
     """Export ``module`` (in eval mode) to ``dst``; check it with ``onnx.checker``.
     ``keywords``: call it by the inputs' names (``input_ids=...``, transformers models),
     which the graph's inputs are then called.  ``examples``: the tensors to trace with
-    (else seeded random ones of ``inputs``)."""
+    (else seeded random ones of ``inputs``).  ``output_names``: the graph's outputs."""
     import onnx
 
     dst = Path(dst)
@@ -82,7 +83,7 @@ def export_onnx(
     check_destination(dst, force=force)
     example = examples if examples is not None else example_tensors(inputs, seed=0)
     module.eval()
-    call = Call(inputs, example, keywords)
+    call = Call(inputs, example, keywords, output_names)
     proto, used, reason = _export(module, call, opset, dynamic_batch, exporter, optimize)
     props = {
         **(metadata or {}),
@@ -126,6 +127,7 @@ class Call:
     inputs: list[InputSpec]
     example: tuple
     keywords: bool = False
+    outputs: list[str] | None = None
 
     @property
     def args(self) -> tuple:
@@ -184,6 +186,7 @@ def _dynamo(module, call: Call, opset, dynamic_batch, optimize):
             dynamo=True,
             optimize=optimize,
             input_names=_names(call.inputs),
+            output_names=call.outputs,
             dynamic_shapes=shapes,
             opset_version=opset,
             external_data=False,
@@ -213,6 +216,7 @@ def _torchscript(module, call: Call, opset, dynamic_batch, optimize):
             dynamo=False,
             do_constant_folding=optimize,
             input_names=names,
+            output_names=call.outputs,
             dynamic_axes=axes or None,
             opset_version=opset,
         )

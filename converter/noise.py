@@ -61,8 +61,12 @@ def yardstick(runner: Any, inputs: Any, ref_out: dict, *, device: str) -> Yardst
     named = isinstance(inputs, Mapping)
     wide = {k: widen(t) for k, t in inputs.items()} if named else [widen(t) for t in inputs]
     try:
-        with _widened(module):
-            out = runner.run(wide, device=device)
+        try:
+            with _widened(module, whole=False):
+                out = runner.run(wide, device=device)
+        except Exception:  # a forward that casts inputs to a weight's dtype before using it
+            with _widened(module, whole=True):
+                out = runner.run(wide, device=device)
     except Exception as exc:  # the rule needs float64; tolerances still judge
         return f"the reference does not run in float64 ({type(exc).__name__})"
     noise = {}
@@ -77,10 +81,12 @@ def yardstick(runner: Any, inputs: Any, ref_out: dict, *, device: str) -> Yardst
 
 
 @contextlib.contextmanager
-def _widened(module: Any) -> Iterator[None]:
+def _widened(module: Any, *, whole: bool) -> Iterator[None]:
     """Each module's own weights in float64 only while it runs (forward hooks), so that
     the float64 pass holds the model plus one module's weights twice over, not a float64
-    copy of the whole model; the float32 tensors are put back untouched."""
+    copy of the whole model; or, ``whole``, every weight for the whole pass (for forwards
+    that cast their inputs to a weight's dtype before calling the module that owns it,
+    as ViT's embeddings do).  The float32 tensors are put back untouched."""
     import torch
 
     kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -99,7 +105,9 @@ def _widened(module: Any) -> Iterator[None]:
             if id(t) in kept:
                 t.data = kept.pop(id(t))[1]
 
-    handles = [h for m in module.modules() for h in _hooks(m, before, after)]
+    handles = [] if whole else [h for m in module.modules() for h in _hooks(m, before, after)]
+    for mod in module.modules() if whole else ():
+        before(mod)
     try:
         yield
     finally:

@@ -249,6 +249,12 @@ def _render_candidate(cand: CandidateReport, *, own: bool = False) -> list[str]:
         lines.append("  outputs NOT checked")
         if any(c.status == "transformed" for c in cand.parameters):
             lines.append("  FAIL  transformed parameters need an output comparison (--model)")
+        constants = sum(c.status == "not a parameter" for c in cand.parameters)
+        if constants:  # taken as constants on the ONNX file's word: nothing ran to confirm it
+            lines.append(
+                f"  note: {constants} tensor(s) of one file only were taken as constants, "
+                "not parameters, without outputs to confirm it (pass --model to run them)"
+            )
     lines += [f"  note: {n}" for n in cand.notes]
     return lines
 

@@ -21,7 +21,7 @@ from nnconv.formats import registry
 from nnconv.formats.errors import UnsafePickleError, UntrustedCodeError, UsageError
 
 from . import golden as golden_io
-from . import models, noise
+from . import models, noise, past
 from .compare import compare_outputs, compare_parameters
 from .convert import load
 from .inputs import ExampleInputs, InputSpec, Shapes, by_name, named_specs, shape_list
@@ -102,7 +102,10 @@ def verify(
     if golden is not None:
         judge = Judge(tolerances, strict=strict)
         return _replay(report, Path(golden), reference, spec, key, trust_code, judge, say)
-    build = functools.partial(_runner, spec=spec, key=key, trust_code=trust_code)
+    build = past.matching(  # transformers runners take a with-past export's inputs
+        functools.partial(_runner, spec=spec, key=key, trust_code=trust_code),
+        [reference, *candidates],
+    )
     ref_runner = None if params_only else build(reference, notes=report.notes)
     report.reference_runner = ref_runner.label if ref_runner else None
     if not candidates:

@@ -227,6 +227,10 @@ def test_onnx_constants_are_not_parameters_both_ways(tmp_path):
         st, load(tmp_path / "other.safetensors"), tolerances=Tolerances()
     )
     assert [c.status for c in checks if not c.passed] == ["unexpected"]  # not ONNX: a failure
+    from nnconv import verify
+
+    table = verify(tmp_path / "ref.safetensors", tmp_path / "m.onnx").render()
+    assert "2 tensor(s) of one file only were taken as constants" in table  # nothing ran
 
 
 def test_a_tie_of_three_names_against_onnx_passes(tmp_path):
