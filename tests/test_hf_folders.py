@@ -290,3 +290,56 @@ def test_a_config_claiming_a_huge_model_costs_what_the_files_hold(
     run.assert_bounded()
     run.assert_refused(folder)
     assert not (tmp_path / "m.onnx").exists()
+
+
+SPEC = """
+import transformers
+from torch import nn
+
+
+class Bert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=37,
+                                      max_position_embeddings=64)
+        self.bert = transformers.BertModel(cfg, add_pooling_layer=False)
+
+    def forward(self, input_ids):
+        return self.bert(input_ids=input_ids).last_hidden_state
+"""
+
+
+def test_a_foreign_export_with_folding_maps_back(transformers, tmp_path, capfd):
+    """An ONNX file nnconv did not write (torch's TorchScript exporter with constant
+    folding, as optimum runs it: transposed weights under ``onnx::MatMul_N`` names, equal
+    initializers merged) maps back to every state_dict name by value, transposes included."""
+    import warnings
+
+    (tmp_path / "spec.py").write_text(SPEC)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import spec
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.manual_seed(0)
+    model = spec.Bert().eval()
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.randint(0, 99, (2, 16)),), str(tmp_path / "foreign.onnx"),
+            dynamo=False, do_constant_folding=True, input_names=["input_ids"], opset_version=17,
+        )  # fmt: skip
+    names = [i.name for i in onnx.load(str(tmp_path / "foreign.onnx")).graph.initializer]
+    assert any(n.startswith("onnx::MatMul_") for n in names) and len(names) < 37
+    model_spec = f"{tmp_path / 'spec.py'}:Bert"
+    run = cli(capfd, "convert", tmp_path / "foreign.onnx", tmp_path / "back.safetensors",
+              "--model", model_spec)  # fmt: skip
+    assert run.rc == 0, run.err
+    assert sorted(load(tmp_path / "back.safetensors").names()) == sorted(model.state_dict())
+    run = cli(capfd, "verify", tmp_path / "sd.pt", tmp_path / "back.safetensors",
+              tmp_path / "foreign.onnx", "--model", model_spec,
+              "--input", "input_ids=2,16:int64")  # fmt: skip
+    assert run.rc == 0, run.out
+    assert "37 compared: 37 identical" in run.out
