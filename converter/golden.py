@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING, Any
 from nnconv.formats import dtypes
 from nnconv.formats.errors import FormatError, UnsupportedError, UsageError
 
-from .inputs import InputSpec, derivation, example_tensors, input_specs
+from .inputs import (
+    InputSpec,
+    default_names,
+    derivation,
+    example_tensors,
+    input_specs,
+    spec_of,
+    tensor_items,
+)
 from .state_dicts import _first_line
 
 if TYPE_CHECKING:
@@ -237,7 +245,10 @@ def _from_file(
 ) -> tuple[list[InputSpec], list[torch.Tensor]]:
     """A file's inputs, or the library's ``example_inputs`` (a tensor, tuple or dict)."""
     given = not isinstance(path, str | os.PathLike)
-    items = _entries(None, path) if given else read_inputs(path)
+    if given:  # a library object, not a file: a usage question
+        items = tensor_items(path, subject="example_inputs", error=UsageError)
+    else:
+        items = read_inputs(path)
     path = "example_inputs" if given else path
     _check_count(path, len(items), declared, "--inputs holds")
     names = [n for n, _ in items]
@@ -247,9 +258,9 @@ def _from_file(
     elif declared:
         items = [(n or d.name, t) for (n, t), d in zip(items, declared, strict=True)]
     else:
-        default = ["input"] if len(items) == 1 else [f"input_{i}" for i in range(len(items))]
+        default = default_names(len(items))
         items = [(n or d, t) for (n, t), d in zip(items, default, strict=True)]
-    specs = [InputSpec(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in items]
+    specs = [spec_of(n, t) for n, t in items]
     return specs, [t for _, t in items]
 
 
@@ -351,7 +362,7 @@ def read_inputs(path: PathLike) -> list[tuple[str | None, torch.Tensor]]:
     if suffix == ".npz":
         return _read_npz(path)
     if suffix in (".pt", ".pth"):
-        return _entries(path, _torch_load(path))
+        return tensor_items(_torch_load(path), subject=path)
     if suffix == ".safetensors":
         if is_golden(path):
             golden = load_golden(path)
@@ -362,7 +373,7 @@ def read_inputs(path: PathLike) -> list[tuple[str | None, torch.Tensor]]:
 
         with load(path, format="safetensors") as ckpt:
             obj = to_object(ckpt)
-            return [(n, t.clone()) for n, t in _entries(path, obj)]
+            return [(n, t.clone()) for n, t in tensor_items(obj, subject=path)]
     raise UsageError(path, "--inputs takes a .npz, .pt or .safetensors file")
 
 
@@ -394,25 +405,3 @@ def _torch_load(path: Path) -> Any:
         raise FormatError(
             path, f"cannot read the inputs with weights_only torch.load: {_first_line(exc)}"
         ) from None
-
-
-def _entries(path: Path, obj: Any) -> list[tuple[str | None, torch.Tensor]]:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        items: list[tuple[str | None, Any]] = [(None, obj)]
-    elif isinstance(obj, dict):
-        items = [(str(k), v) for k, v in obj.items()]
-    elif isinstance(obj, (list, tuple)):
-        items = [(None, v) for v in obj]
-    else:
-        raise FormatError(
-            path, f"inputs must be a tensor, list, tuple or dict, not {type(obj).__name__}"
-        )
-    for name, value in items:
-        if not isinstance(value, torch.Tensor):
-            where = f"input {name!r}" if name else "an input"
-            raise FormatError(path, f"{where} is a {type(value).__name__}, not a tensor")
-    if not items:
-        raise FormatError(path, "the inputs file holds no tensors")
-    return [(n, t.detach()) for n, t in items]

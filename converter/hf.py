@@ -369,13 +369,19 @@ def recorded_inputs(metadata: dict) -> list[InputSpec] | None:
 
 def onnx_describes(path: str | os.PathLike[str]) -> bool:
     """Whether an ONNX file records the transformers model it was exported from."""
-    from nnconv.formats import onnx_format
+    return onnx_record(path) is not None
 
-    try:
-        model = onnx_format.load_model(Path(path))
-    except NnconvError:
-        return False
-    return any(p.key == METADATA_KEY for p in model.metadata_props)
+
+def onnx_record(path: str | os.PathLike[str]) -> dict | None:
+    """The record an ONNX file carries of the transformers model it was exported from;
+    None for anything else (not ONNX, unreadable, no record)."""
+    from nnconv.formats import onnx_format, registry
+
+    with contextlib.suppress(NnconvError, OSError):
+        if registry.detect(path).NAME == onnx_format.NAME:
+            model = onnx_format.load_model(Path(path))
+            return record({p.key: p.value for p in model.metadata_props})
+    return None
 
 
 def record(metadata: dict) -> dict | None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nnconv.formats import dtypes
-from nnconv.formats.errors import UsageError
+from nnconv.formats.errors import FormatError, NnconvError, UsageError
 
 DEFAULT_DTYPE = "float32"
 
@@ -73,21 +73,48 @@ def given_inputs(
     or list of them, or a dict by input name; ``([], None, False)`` when not given."""
     if inputs is None:
         return [], None, False
-    import torch
     if shapes or dtype:
         raise UsageError(None, "example_inputs excludes --input-shape and --input-dtype")
-    by_name = isinstance(inputs, Mapping)
-    if by_name:
-        items = [(str(k), v) for k, v in inputs.items()]
+    items = tensor_items(inputs, subject="example_inputs", error=UsageError)
+    names = [n or d for (n, _), d in zip(items, default_names(len(items)), strict=True)]
+    specs = [spec_of(n, t) for n, (_, t) in zip(names, items, strict=True)]
+    return specs, tuple(t for _, t in items), isinstance(inputs, Mapping)
+
+
+def default_names(count: int) -> list[str]:
+    """Names for inputs given by position: ``input``, or ``input_0``, ``input_1``..."""
+    return ["input"] if count == 1 else [f"input_{i}" for i in range(count)]
+
+
+def spec_of(name: str, tensor: Any) -> InputSpec:
+    """The spec of an input given as a tensor."""
+    return InputSpec(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+
+
+def tensor_items(
+    obj: Any, *, subject: Any, error: type[NnconvError] = FormatError
+) -> list[tuple[str | None, Any]]:
+    """Inputs given as a tensor, a list or tuple of them, or a mapping by name (an
+    inputs file's object or the library's ``example_inputs``): (name or None, tensor)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        items: list[tuple[str | None, Any]] = [(None, obj)]
+    elif isinstance(obj, Mapping):
+        items = [(str(k), v) for k, v in obj.items()]
+    elif isinstance(obj, (list, tuple)):
+        items = [(None, v) for v in obj]
     else:
-        values = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
-        names = ["input"] if len(values) == 1 else [f"input_{i}" for i in range(len(values))]
-        items = list(zip(names, values, strict=True))
-    bad = [name for name, t in items if not isinstance(t, torch.Tensor)]
-    if bad or not items:
-        raise UsageError(None, f"example_inputs must be tensors (not: {', '.join(bad) or 'none'})")
-    specs = [InputSpec(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in items]
-    return specs, tuple(t.detach() for _, t in items), by_name
+        raise error(
+            subject, f"inputs must be a tensor, list, tuple or dict, not {type(obj).__name__}"
+        )
+    for name, value in items:
+        if not isinstance(value, torch.Tensor):
+            where = f"input {name!r}" if name else "an input"
+            raise error(subject, f"{where} is a {type(value).__name__}, not a tensor")
+    if not items:
+        raise error(subject, "holds no input tensors")
+    return [(n, t.detach()) for n, t in items]
 
 
 _NAMED = re.compile(r"([A-Za-z_][\w.]*)=([^:]*)(?::(\w+))?")
@@ -134,7 +161,7 @@ def input_specs(shapes: list[str], dtype: str | None = None) -> list[InputSpec]:
     """Specs for ``--input-shape`` (repeatable) and one ``--input-dtype`` for all inputs."""
     dtype = dtype or DEFAULT_DTYPE
     dtypes.get(dtype)
-    names = ["input"] if len(shapes) == 1 else [f"input_{i}" for i in range(len(shapes))]
+    names = default_names(len(shapes))
     return [InputSpec(n, parse_shape(s), dtype) for n, s in zip(names, shapes, strict=True)]
 
 

@@ -45,7 +45,8 @@ def run_candidate(
         return
     cand.runner = runner.label
     cast = next((c.candidate_dtype for c in cand.parameters if c.status == "cast"), None)
-    cast = cast or _recorded_cast(cand.path)
+    if not cand.parameters:  # --outputs-only: the file's record says, not a comparison
+        cast = _recorded_cast(cand.path)
     if cast:
         judge = judge.at_precision(cast)
         cand.notes.append(

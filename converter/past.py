@@ -11,15 +11,13 @@ input, so that ``verify HF_DIR m.onnx`` feeds the folder's model the same past.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from nnconv.formats import onnx_format, registry
-from nnconv.formats.errors import NnconvError, UnsupportedError, UsageError
+from nnconv.formats.errors import UnsupportedError, UsageError
 
 from . import hf
 from .inputs import InputSpec
@@ -171,13 +169,8 @@ def prepare(loaded: LoadedModel, given: bool = False) -> LoadedModel:
 
 def recorded(path: Any) -> dict | None:
     """The with-past record of an ONNX file, or None (not ONNX, no record, no past)."""
-    with contextlib.suppress(NnconvError, OSError):
-        if registry.detect(path).NAME == onnx_format.NAME:
-            model = onnx_format.load_model(path)
-            found = hf.record({p.key: p.value for p in model.metadata_props})
-            if found and isinstance(found.get(PAST_KEY), dict):
-                return found
-    return None
+    found = hf.onnx_record(path)
+    return found if found is not None and isinstance(found.get(PAST_KEY), dict) else None
 
 
 def matching(build: Callable[..., Any], paths: Sequence[Any]) -> Callable[..., Any]:

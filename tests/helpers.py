@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -179,3 +180,24 @@ def peak_anon(fn):
         thread.join()
     return result, max(peak[0], anon()) - before
 """
+
+
+@dataclass
+class CliRun:
+    rc: int
+    out: str
+    err: str
+
+
+def cli(capfd: Any, *args: Any) -> CliRun:
+    """``nnconv ARGS`` in this process (imports paid once): exit status, stdout, stderr."""
+    from nnconv.converter.cli import cli as group
+
+    capfd.readouterr()
+    try:
+        group.main(args=[str(a) for a in args], prog_name="nnconv")
+        rc = 0
+    except SystemExit as exc:
+        rc = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    out, err = capfd.readouterr()
+    return CliRun(rc, out, err)

@@ -13,39 +13,18 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import pytest
 import torch
+from helpers import cli
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import load_file, save_file
 
 from nnconv.converter import load, save
 from nnconv.converter.compare import Tolerances, compare_parameters
 from nnconv.converter.export import OPTIMIZED_KEY
-
-
-@dataclass
-class Run:
-    rc: int
-    out: str
-    err: str
-
-
-def cli(capfd, *args) -> Run:
-    """``nnconv ARGS`` in this process: exit status, stdout, stderr."""
-    from nnconv.converter.cli import cli as group
-
-    capfd.readouterr()
-    try:
-        group.main(args=[str(a) for a in args], prog_name="nnconv")
-        rc = 0
-    except SystemExit as exc:
-        rc = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    out, err = capfd.readouterr()
-    return Run(rc, out, err)
 
 
 @pytest.fixture(scope="module")

@@ -12,35 +12,14 @@ and ``verify DIR back.safetensors``.  The inputs are the config's: ``pixel_value
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import pytest
 import torch
+from helpers import cli
 
 from nnconv.converter import load
-
-
-@dataclass
-class Run:
-    rc: int
-    out: str
-    err: str
-
-
-def cli(capfd, *args) -> Run:
-    """``nnconv ARGS`` in this process: exit status, stdout, stderr."""
-    from nnconv.converter.cli import cli as group
-
-    capfd.readouterr()
-    try:
-        group.main(args=[str(a) for a in args], prog_name="nnconv")
-        rc = 0
-    except SystemExit as exc:
-        rc = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    out, err = capfd.readouterr()
-    return Run(rc, out, err)
 
 
 @pytest.fixture(scope="module")
