@@ -18,8 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from nnconv.formats import onnx_format
 from nnconv.formats.checkpoint import Checkpoint, tensor_bytes
+from nnconv.formats.onnx import onnx_format
 
 from . import hf
 from .onnx_import import COUNTERS, MAPPING_KEY

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
-from nnconv.formats import dtypes, onnx_format
+from nnconv.formats import dtypes
 from nnconv.formats.checkpoint import CAST_KEY, Checkpoint
 from nnconv.formats.errors import UsageError
+from nnconv.formats.onnx import onnx_format
 from nnconv.formats.rawio import SpanReader
 
 from .alignment import NOT_A_PARAMETER, Pair, align, sharing, with_config_ties

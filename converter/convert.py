@@ -9,12 +9,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nnconv.formats import pt_format, registry, sharding
+from nnconv.formats import registry, sharding
 from nnconv.formats.atomic import resolve_destination
 from nnconv.formats.checkpoint import Checkpoint
 from nnconv.formats.errors import UsageError
 from nnconv.formats.objects import cast, from_object
 from nnconv.formats.options import WriteOptions
+from nnconv.formats.pt import pt_format
 
 from . import hf, models, past
 from . import record as arch

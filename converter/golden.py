@@ -318,7 +318,7 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
 
 def is_golden(path: PathLike) -> bool:
     """Whether ``path`` is a safetensors file carrying golden metadata; never raises."""
-    from nnconv.formats import safetensors_format
+    from nnconv.formats.safetensors import safetensors_format
 
     try:
         return GOLDEN_KEY in safetensors_format.read_header(Path(path))[1]

@@ -25,8 +25,9 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nnconv.formats import paths, pickle_gate, pt_format, trust
+from nnconv.formats import paths, pickle_gate, trust
 from nnconv.formats.errors import FormatError, NnconvError, UsageError
+from nnconv.formats.pt import pt_format
 
 from .inputs import InputSpec
 from .state_dicts import _first_line
@@ -375,7 +376,8 @@ def onnx_describes(path: str | os.PathLike[str]) -> bool:
 def onnx_record(path: str | os.PathLike[str]) -> dict | None:
     """The record an ONNX file carries of the transformers model it was exported from;
     None for anything else (not ONNX, unreadable, no record)."""
-    from nnconv.formats import onnx_format, registry
+    from nnconv.formats import registry
+    from nnconv.formats.onnx import onnx_format
 
     with contextlib.suppress(NnconvError, OSError):
         if registry.detect(path).NAME == onnx_format.NAME:

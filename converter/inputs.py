@@ -187,7 +187,7 @@ def example_tensors(specs: list[InputSpec], *, seed: int = 0) -> tuple:
 def graph_inputs(graph) -> tuple[list[InputSpec], dict[str, dict[int, str]], bool]:
     """An ONNX graph's declared inputs: specs (symbolic dims as 2), the symbolic axes, and
     whether initializers are listed as inputs (older exporters do)."""
-    from nnconv.formats import onnx_format
+    from nnconv.formats.onnx import onnx_format
 
     inits = {t.name for t in graph.initializer}
     specs, axes = [], {}

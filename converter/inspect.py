@@ -159,7 +159,7 @@ def inspect(
 
 def _globals(path: Path) -> list[str] | None:
     """The globals a pt file's pickles name, listed without unpickling (None: TorchScript)."""
-    from nnconv.formats import pt_format
+    from nnconv.formats.pt import pt_format
 
     if pt_format.is_torchscript(path):
         return None

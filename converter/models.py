@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nnconv.formats import pickle_gate, pt_format, registry, trust
+from nnconv.formats import pickle_gate, registry, trust
 from nnconv.formats.checkpoint import Checkpoint
 from nnconv.formats.errors import FormatError, NnconvError, UsageError
+from nnconv.formats.pt import pt_format
 
 from . import hf
 from . import record as arch

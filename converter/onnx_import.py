@@ -21,9 +21,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from nnconv.formats import onnx_format
 from nnconv.formats.checkpoint import Checkpoint, LazyTensor, flat_structure, tensor_bytes
 from nnconv.formats.errors import UnsupportedError
+from nnconv.formats.onnx import onnx_format
 
 from . import hf
 from .export import EXPORTER_KEY, OPTIMIZED_KEY

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from nnconv.formats import onnx_format, registry
+from nnconv.formats import registry
 from nnconv.formats.errors import NnconvError, UnsupportedError, UsageError
+from nnconv.formats.onnx import onnx_format
 
 from . import hf, models
 from .golden import OutputAlignment, align_outputs, flatten, resolve_inputs

@@ -14,8 +14,12 @@ import stat
 from pathlib import Path
 from types import ModuleType
 
-from . import hdf5_format, onnx_format, paths, pt_format, safetensors_format, sharding
+from . import paths, sharding
 from .errors import FormatError, UsageError
+from .hdf5 import hdf5_format
+from .onnx import onnx_format
+from .pt import pt_format
+from .safetensors import safetensors_format
 
 ADAPTERS: dict[str, ModuleType] = {
     m.NAME: m for m in (pt_format, safetensors_format, hdf5_format, onnx_format)

@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from nnconv import inspect, load, save
-from nnconv.formats import from_object, hdf5_probe
+from nnconv.formats import from_object
 from nnconv.formats.errors import FormatError
+from nnconv.formats.hdf5 import hdf5_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "fuzz" / "corpus" / "hdf5"
@@ -166,7 +167,7 @@ SCRIPT = textwrap.dedent(
     """
     import os, sys
     from nnconv.converter import load
-    from nnconv.formats import hdf5_probe
+    from nnconv.formats.hdf5 import hdf5_probe
 
     def read():
         with load(sys.argv[1]) as ckpt:

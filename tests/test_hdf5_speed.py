@@ -22,7 +22,8 @@ import torch
 from helpers import assert_same
 
 from nnconv import convert, load, save
-from nnconv.formats import Checkpoint, LazyTensor, from_object, hdf5_format, to_object
+from nnconv.formats import Checkpoint, LazyTensor, from_object, to_object
+from nnconv.formats.hdf5 import hdf5_format
 from nnconv.formats.options import WriteOptions
 
 ROOT = Path(__file__).resolve().parents[1]

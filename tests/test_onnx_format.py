@@ -21,8 +21,8 @@ from helpers import assert_tensor_same
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import save_file
 
-from nnconv.formats import onnx_format
 from nnconv.formats.errors import FormatError, UnsupportedError, UsageError
+from nnconv.formats.onnx import onnx_format
 
 CODES = {name: code for code, name in onnx_format.ONNX_DTYPES.items()}
 

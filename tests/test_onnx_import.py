@@ -17,8 +17,9 @@ from torch import nn
 from nnconv.converter.export import export_onnx
 from nnconv.converter.inputs import input_specs
 from nnconv.converter.onnx_import import MAPPING_KEY, map_to_state_dict
-from nnconv.formats import onnx_format, to_object
+from nnconv.formats import to_object
 from nnconv.formats.errors import UnsupportedError
+from nnconv.formats.onnx import onnx_format
 
 
 class Encoder(nn.Module):

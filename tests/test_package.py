@@ -81,7 +81,7 @@ def test_python_dash_m_runs_the_cli():
 
 
 @pytest.mark.parametrize(
-    "path", sorted(p for d in ("formats", "converter") for p in (ROOT / d).glob("*.py"))
+    "path", sorted(p for d in ("formats", "converter") for p in (ROOT / d).rglob("*.py"))
 )
 def test_modules_stay_small(path):
     assert len(path.read_text("utf-8").splitlines()) <= 420, f"{path.name}: split it"

@@ -43,8 +43,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nnconv.formats import pickle_gate, pt_format
+from nnconv.formats import pickle_gate
 from nnconv.formats.errors import LazyParameterError, NnconvError, UnsafePickleError
+from nnconv.formats.pt import pt_format
 
 NNCONV = [sys.executable, "-m", "nnconv.converter"]
 

@@ -27,8 +27,9 @@ import torch
 from safetensors.torch import load_file
 
 from nnconv.converter import load, save
-from nnconv.formats import checkpoint, hdf5_chunks, hdf5_probe
+from nnconv.formats import checkpoint
 from nnconv.formats.errors import FormatError, UnsupportedError
+from nnconv.formats.hdf5 import hdf5_chunks, hdf5_probe
 
 sys.path.insert(0, str(Path(__file__).parent))
 from redteam import WALL_LIMIT_S, nnconv  # noqa: E402
@@ -338,7 +339,7 @@ def test_in_process_loader_resolves_links_itself(outside) -> None:
     script = textwrap.dedent(
         """
         import sys, h5py
-        from nnconv.formats import hdf5_chunks
+        from nnconv.formats.hdf5 import hdf5_chunks
         f, size = hdf5_chunks.open_file(h5py, sys.argv[1])
         try:
             hdf5_chunks.read_values(h5py, f.id, "a", (3,), size)

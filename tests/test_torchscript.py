@@ -24,8 +24,8 @@ from helpers import assert_tensor_same
 from safetensors.torch import load_file
 from torch import nn
 
-from nnconv.formats import pt_format
 from nnconv.formats.errors import FormatError, UntrustedCodeError
+from nnconv.formats.pt import pt_format
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's notices
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from nnconv.formats.onnx_format import varint
+from nnconv.formats.onnx.onnx_format import varint
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

@@ -62,7 +62,7 @@ def test_origin_names_the_innermost_nnconv_function():
     dump = (
         "Current thread 0x1 (most recent call first):\n"
         '  File "/usr/lib/h5py/_hl/attrs.py", line 77 in __getitem__\n'
-        f'  File "{harness.ROOT}/formats/hdf5_format.py", line 177 in _dtype_of\n'
+        f'  File "{harness.ROOT}/formats/hdf5/hdf5_format.py", line 177 in _dtype_of\n'
     )
     assert harness._dump_origin("Hang", dump) == "Hang in hdf5_format.py:_dtype_of"
 

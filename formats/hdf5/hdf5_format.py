@@ -40,11 +40,12 @@ import os
 import re
 from pathlib import Path
 
-from . import checkpoint, dtypes, hdf5_chunks, hdf5_layout, hdf5_probe, rawio
-from .atomic import atomic_output
-from .checkpoint import ALIASES_KEY, Checkpoint, LazyTensor, Span, from_records, tensor_bytes
-from .errors import FormatError, UnsupportedError, UsageError
-from .options import DEFAULT_OPTIONS, WriteOptions
+from .. import checkpoint, dtypes, rawio
+from ..atomic import atomic_output
+from ..checkpoint import ALIASES_KEY, Checkpoint, LazyTensor, Span, from_records, tensor_bytes
+from ..errors import FormatError, UnsupportedError, UsageError
+from ..options import DEFAULT_OPTIONS, WriteOptions
+from . import hdf5_chunks, hdf5_layout, hdf5_probe
 
 NAME = "hdf5"
 EXTENSIONS = (".h5", ".hdf5", ".hdf", ".keras.h5")

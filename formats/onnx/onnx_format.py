@@ -15,10 +15,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import dtypes, paths
-from .checkpoint import RESERVED_KEYS, Checkpoint, LazyTensor, Span, from_records
-from .errors import FormatError, UnsupportedError, UsageError
-from .options import DEFAULT_OPTIONS, WriteOptions
+from .. import dtypes, paths
+from ..checkpoint import RESERVED_KEYS, Checkpoint, LazyTensor, Span, from_records
+from ..errors import FormatError, UnsupportedError, UsageError
+from ..options import DEFAULT_OPTIONS, WriteOptions
 
 NAME = "onnx"
 EXTENSIONS = (".onnx",)

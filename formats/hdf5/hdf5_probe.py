@@ -62,7 +62,7 @@ class _Worker:
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "nnconv.formats.hdf5_worker"],
+                [sys.executable, "-m", "nnconv.formats.hdf5.hdf5_worker"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,

@@ -13,7 +13,9 @@ import os
 import re
 import sys
 
-from nnconv.formats import hdf5_chunks, proclimits
+from nnconv.formats import proclimits
+
+from . import hdf5_chunks
 
 MEMORY_FILE_CAP = 16 << 30  # the file-size part of a request's memory, counted up to this
 RETIRE = 256 << 20  # a worker that grew this much exits after answering

@@ -18,11 +18,11 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import dtypes, paths, rawio, sharding
-from .atomic import atomic_files, atomic_output, is_sharded_output
-from .checkpoint import INT64_MAX, Checkpoint, LazyTensor, Span, from_records, paused_gc
-from .errors import FormatError, UnsupportedError
-from .options import DEFAULT_OPTIONS, WriteOptions
+from .. import dtypes, paths, rawio, sharding
+from ..atomic import atomic_files, atomic_output, is_sharded_output
+from ..checkpoint import INT64_MAX, Checkpoint, LazyTensor, Span, from_records, paused_gc
+from ..errors import FormatError, UnsupportedError
+from ..options import DEFAULT_OPTIONS, WriteOptions
 
 NAME = "safetensors"
 EXTENSIONS = (".safetensors", ".safetensors.index.json")

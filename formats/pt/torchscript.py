@@ -22,10 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import pickle_gate, pt_format, rawio, torchpickle, torchzip, trust
-from .checkpoint import MAX_DEPTH, Checkpoint, depth_error, paused_gc
-from .errors import FormatError, NnconvError, UntrustedCodeError
-from .objects import Describer, from_object
+from .. import pickle_gate, rawio, trust
+from ..checkpoint import MAX_DEPTH, Checkpoint, depth_error, paused_gc
+from ..errors import FormatError, NnconvError, UntrustedCodeError
+from ..objects import Describer, from_object
+from . import pt_format, torchpickle, torchzip
 
 MAX_RECORD = 64 << 20  # a code/ file or data.pkl; torch writes far smaller ones
 

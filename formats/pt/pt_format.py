@@ -19,9 +19,9 @@ import zlib
 from functools import partial
 from pathlib import Path
 
-from . import dtypes, pickle_gate, rawio, torchpickle, torchzip
-from .atomic import atomic_output
-from .checkpoint import (
+from .. import dtypes, pickle_gate, rawio
+from ..atomic import atomic_output
+from ..checkpoint import (
     INT64_MAX,
     VIEW_SLACK,
     Checkpoint,
@@ -30,9 +30,10 @@ from .checkpoint import (
     check_expansion,
     paused_gc,
 )
-from .errors import FormatError, NnconvError, UnsupportedError, UsageError
-from .objects import Describer, from_object, tensor_flags
-from .options import DEFAULT_OPTIONS, WriteOptions
+from ..errors import FormatError, NnconvError, UnsupportedError, UsageError
+from ..objects import Describer, from_object, tensor_flags
+from ..options import DEFAULT_OPTIONS, WriteOptions
+from . import torchpickle, torchzip
 
 NAME = "pt"
 EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".params", ".pkl")

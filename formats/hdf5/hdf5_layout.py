@@ -22,8 +22,8 @@ import ctypes
 import os
 import re
 
-from . import dtypes, rawio
-from .checkpoint import LazyTensor, Span
+from .. import dtypes, rawio
+from ..checkpoint import LazyTensor, Span
 
 RUN_TENSOR = 1 << 20  # tensors below this size whose bytes follow each other in the source
 RUN_BYTES = 64 << 20  # and in the destination are copied together, up to this much at once

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from .checkpoint import LazyTensor
-from .errors import FormatError
-from .rawio import Placer, preallocate
+from ..checkpoint import LazyTensor
+from ..errors import FormatError
+from ..rawio import Placer, preallocate
 
 ALIGNMENT = 64  # torch's record alignment (so that records can be memory-mapped)
 ZIP64_LIMIT = 0xFFFFFFFF  # sizes and offsets at or above this need zip64 fields

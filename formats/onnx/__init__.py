@@ -1,0 +1,1 @@
+"""The onnx format: its adapter and the modules only it uses."""

@@ -1,0 +1,1 @@
+"""The pt format: its adapter and the modules only it uses."""

@@ -1,0 +1,1 @@
+"""The safetensors format: its adapter and the modules only it uses."""
