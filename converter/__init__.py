@@ -11,8 +11,9 @@ are gathered in ``nnconv`` itself::
 
 from nnconv.formats.errors import NnconvError
 
-from .convert import ConvertResult, OnnxOptions, load, save
+from .convert import ConvertResult, load, save
 from .inspect import InspectReport
+from .options import OnnxOptions
 from .report import VerifyReport
 
 __all__ = [

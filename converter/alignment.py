@@ -19,15 +19,15 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from nnconv.formats.checkpoint import Checkpoint, tensor_bytes
-from nnconv.formats.onnx import onnx_format
+from nnconv.formats.keys import MAPPING_KEY
+from nnconv.formats.registry import holds_graph
 
 from . import hf
-from .onnx_import import COUNTERS, MAPPING_KEY
+from .onnx_import import COUNTERS
 
 if TYPE_CHECKING:
     import torch
 
-ONNX = onnx_format.NAME
 WRAPPERS = re.compile(r"^(?:module\.|_orig_mod\.)+")  # DataParallel, torch.compile
 NOT_A_PARAMETER = "not a parameter"
 CONSTANT_NOTE = (
@@ -93,7 +93,7 @@ def align(ref: Checkpoint, cand: Checkpoint) -> list[Pair]:
         if name not in done_ref and other is not None and other not in done_cand:
             add(name, other, "prefix")
     _align_values(ref, cand, done_ref, done_cand, add)
-    if ref.format == ONNX:  # the same the other way round: a merged reference
+    if holds_graph(ref.format):  # the same the other way round: a merged reference
         _align_values(cand, ref, done_cand, done_ref, lambda c, r, *rest: add(r, c, *rest))
     order = {name: i for i, name in enumerate(ref.names())}
     pairs.sort(key=lambda p: order.get(p.ref, len(order)))
@@ -107,21 +107,21 @@ def align(ref: Checkpoint, cand: Checkpoint) -> list[Pair]:
 def _alone(here: Checkpoint, there: Checkpoint, ref: str | None, cand: str | None) -> Pair:
     """A tensor with no counterpart: an ONNX initializer against a state_dict is not a
     parameter (the state_dict is the model's whole persistent state); else it fails."""
-    if here.format == ONNX and there.format != ONNX:
+    if holds_graph(here.format) and not holds_graph(there.format):
         return Pair(ref, cand, NOT_A_PARAMETER, note=CONSTANT_NOTE)
     return Pair(ref, cand, "")
 
 
 def _dropped(name: str, other: Checkpoint) -> bool:
     """A training counter (num_batches_tracked), which exporters drop: ONNX never holds it."""
-    return other.format == ONNX and name.rsplit(".", 1)[-1] in COUNTERS
+    return holds_graph(other.format) and name.rsplit(".", 1)[-1] in COUNTERS
 
 
 def _align_values(ref: Checkpoint, cand: Checkpoint, done_ref, done_cand, add) -> None:
     """Match what is left by bit-identical values, or a 2-D transpose, via hashes."""
     left = {n: t for n, t in ref.tensors.items() if n not in done_ref}
     specs = {(t.dtype, t.shape) for t in left.values()}
-    merged = cand.format == ONNX  # exporters store equal initializers once, for many keys
+    merged = holds_graph(cand.format)  # exporters store equal initializers once, for many keys
     offers: dict[tuple, list[tuple[str, str]]] = {}  # (dtype, shape, digest) -> (name, how)
     for name, lazy in cand.tensors.items():
         flip = lazy.shape[::-1] if len(lazy.shape) == 2 else None
@@ -176,7 +176,7 @@ def sharing(ref: Checkpoint, cand: Checkpoint, pairs: list[Pair]) -> list[str]:
             found = [w for w in where.values() if w is not None]
             base = where[target] if where[target] is not None else (found or [None])[0]
             for alias in aliases:  # where each name is in ``other``, if anywhere
-                if where[alias] is None and not (other.format == ONNX and found):
+                if where[alias] is None and not (holds_graph(other.format) and found):
                     out.append(
                         f"{alias} shares {target} in the {here} but is absent from the {there}"
                     )

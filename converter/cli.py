@@ -19,7 +19,7 @@ from nnconv.formats import dtypes, registry, sharding
 from nnconv.formats.errors import NnconvError
 
 from . import past
-from .export import EXPORT_FORMAT, EXPORTERS
+from .export import EXPORTERS
 from .inspect import human_bytes
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
@@ -375,8 +375,8 @@ def inspect(file, src_format, as_json, trust_code):
 def formats() -> None:
     """List the formats nnconv reads and writes."""
     for adapter in registry.ADAPTERS.values():
-        exported = adapter.NAME == EXPORT_FORMAT  # written by exporting a model (--model)
-        mode = "read, write" if adapter.CAN_WRITE else "read, export" if exported else "read"
+        can = adapter.CAPABILITIES  # exported: written by exporting a model (--model)
+        mode = "read, write" if can.writes else "read, export" if can.exported else "read"
         click.echo(f"{adapter.NAME:<12} {mode:<12} {' '.join(adapter.EXTENSIONS)}")
         click.echo(f"{'':<12} {adapter.DESCRIPTION}")
         click.echo(f"{'':<12} keeps: {adapter.FEATURES}")

@@ -16,20 +16,19 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 from nnconv.formats import dtypes
-from nnconv.formats.checkpoint import CAST_KEY, Checkpoint
+from nnconv.formats.checkpoint import Checkpoint
 from nnconv.formats.errors import UsageError
-from nnconv.formats.onnx import onnx_format
+from nnconv.formats.keys import CAST_KEY, OPTIMIZED_KEY
 from nnconv.formats.rawio import SpanReader
+from nnconv.formats.registry import holds_graph
 
 from .alignment import NOT_A_PARAMETER, Pair, align, sharing, with_config_ties
-from .export import OPTIMIZED_KEY
 from .report import OutputCheck, TensorCheck
 from .tolerances import DEFAULTS, Tolerances, parse_tolerances  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     import torch
 
-ONNX = onnx_format.NAME
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 OUTPUT_FIELDS = {f.name for f in fields(OutputCheck)}
 CHUNK = 1 << 22  # elements per float64 pass: ~32 MB for each temporary
@@ -183,7 +182,7 @@ def _check(
         check.note = "; ".join(filter(None, [pair.note, note])) or None
         return check
 
-    folded = any(f.metadata.get(OPTIMIZED_KEY) == "1" for f in (ref, cand) if f.format == ONNX)
+    folded = any(f.metadata.get(OPTIMIZED_KEY) == "1" for f in (ref, cand) if holds_graph(f.format))
     if rl is None or cl is None:
         note = f"not in the {'reference' if rl is None else 'candidate'}"
         if folded:  # an optimised export folds constants away (BatchNorm into Conv...)

@@ -9,17 +9,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nnconv.formats import registry, sharding
+from nnconv.formats import registry
 from nnconv.formats.atomic import resolve_destination
 from nnconv.formats.checkpoint import Checkpoint
 from nnconv.formats.errors import UsageError
+from nnconv.formats.keys import ARCHITECTURE_KEY, HF_KEY
 from nnconv.formats.objects import cast, from_object
-from nnconv.formats.options import WriteOptions
-from nnconv.formats.pt import pt_format
+from nnconv.formats.source import Source, open_source
 
-from . import hf, models, past
+from . import hf, models, past, quantization
 from . import record as arch
-from .export import EXTERNAL_DATA_THRESHOLD, ExportResult, export_onnx
+from .export import ExportResult, export_onnx
+from .export_pt2 import export_pt2
 from .golden import check_declared_size
 from .inputs import (
     ExampleInputs,
@@ -32,6 +33,7 @@ from .inputs import (
     shape_list,
 )
 from .onnx_import import MappingRow, map_to_state_dict
+from .options import OnnxOptions, onnx_options, write_options
 from .state_dicts import select_subtree
 
 if TYPE_CHECKING:
@@ -39,19 +41,11 @@ if TYPE_CHECKING:
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
-
-
-@dataclass(frozen=True)
-class OnnxOptions:
-    """How to export to ONNX, and how strictly to map ONNX initializers back."""
-
-    opset: int | None = None
-    dynamic_batch: bool = True  # the first dimension is symbolic in the graph
-    exporter: str = "auto"  # "auto" (dynamo, then TorchScript) | "dynamo" | "torchscript"
-    optimize: bool = False  # let the exporter fold constants (changes parameters)
-    allow_missing: bool = False  # ONNX import: leave out keys that cannot be recovered
-    with_past: bool = False  # HF decoder LMs: past key/values as inputs and outputs
-    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+# The runtime an exported format's files run in (Capabilities.runtime) -> its exporter.
+EXPORTERS: dict[str, Callable[..., ExportResult]] = {
+    "onnxruntime": export_onnx,
+    "torch.export": export_pt2,
+}
 
 
 @dataclass(frozen=True)
@@ -81,16 +75,17 @@ def load(path: PathLike, *, format: str | None = None, trust_code: bool = False)
     unless ``trust_code``) or a TorchScript archive reads as its module's state_dict,
     without running anything.
     """
-    adapter = registry.detect(path, format=format)
-    path = registry.weights_file(Path(path))  # a folder's pytorch_model.bin
-    plain = pt_format.read_plain(path) if adapter is pt_format else None
-    if plain is not None:  # tensors and containers only: no module, no pickle scan
-        return plain
-    if _holds_module(path, adapter):  # whole-module pickle: its state_dict
-        loaded = models.load_model(path, trust_code=trust_code)
-        return _checkpoint(path, format, trust_code, loaded)
-    ckpt: Checkpoint = adapter.read(path, trust_code=trust_code)
-    return ckpt
+    source = open_source(path, format=format, trust_code=trust_code)
+    return weights(source) if source.kind == "module" else source.take()
+
+
+def weights(source: Source) -> Checkpoint:
+    """A source's weights: its checkpoint (kept by the source), or, for a whole-module
+    pickle, its module's state_dict (the caller's)."""
+    if source.kind == "module":
+        loaded = models.load_model(source, trust_code=source.trust_code)
+        return _checkpoint(source, loaded)
+    return source.checkpoint()
 
 
 def save(
@@ -110,20 +105,15 @@ def save(
     ``fsync`` flushes it to disk before the rename (durable across a power cut).
     """
     ckpt = obj if isinstance(obj, Checkpoint) else from_object(obj)
+    ckpt = quantization.require_cast(ckpt, dtype, path)  # GGUF: dequantised only with --dtype
     if dtype:
         ckpt = cast(ckpt, dtype)
     adapter = _destination_adapter(path, format, shard_size)
-    if not adapter.CAN_WRITE:
-        raise UsageError(path, f"nnconv can read {adapter.NAME} but not write it")
-    if isinstance(shard_size, str):
-        shard_size = sharding.parse_size(shard_size)
-    options = WriteOptions(
-        force=force,
-        shard_size=shard_size,
-        compression=compression,
-        progress=progress,
-        fsync=fsync,
-    )
+    if not adapter.CAPABILITIES.writes:
+        how = " (it is written by exporting a model)" if adapter.CAPABILITIES.exported else ""
+        raise UsageError(path, f"nnconv can read {adapter.NAME} but not write it{how}")
+    options = write_options(force, shard_size, compression, fsync, progress)
+    registry.check_options(adapter, options, path)
     adapter.write(ckpt, Path(path), options=options)
 
 
@@ -174,16 +164,13 @@ def convert(
     src, dst = Path(src), Path(dst)
     # Resolve the destination format before reading anything: fail fast on typos.
     dst_adapter = _destination_adapter(dst, dst_format, shard_size)
-    if shard_size and dst_adapter.NAME != "safetensors":
-        raise UsageError(dst, "--shard-size applies to safetensors destinations only")
-    if compression and dst_adapter.NAME != "hdf5":
-        raise UsageError(dst, "--compression applies to hdf5 destinations only")
+    registry.check_options(dst_adapter, write_options(force, shard_size, compression, fsync), dst)
     # An existing folder is written into (DIR/<stem>.<ext>, or shards beside its files).
     dst = resolve_destination(
         dst, source=src, extension=dst_adapter.EXTENSIONS[0], sharded=bool(shard_size), force=force
     )
     spec = models.model_spec(model, model_args)
-    onnx = _onnx_options(onnx, opset, dynamic_batch, exporter, optimize, allow_missing, with_past)
+    onnx = onnx_options(onnx, opset, dynamic_batch, exporter, optimize, allow_missing, with_past)
     examples = given_inputs(example_inputs, input_shapes, input_dtype)
     if named_inputs:  # --input NAME=SHAPE[:DTYPE]: exported by keyword, graph inputs named so
         if input_shapes or input_dtype or example_inputs is not None:
@@ -191,11 +178,19 @@ def convert(
         examples = (named_specs(named_inputs), None, True)
     input_shapes = shape_list(input_shapes)
     inputs = input_specs(input_shapes, input_dtype) if input_shapes else examples[0]
-    if dst_adapter.NAME == "onnx":
-        if dtype:
-            raise UsageError(dst, "--dtype applies to weight formats, not to ONNX export")
+    exported = dst_adapter.CAPABILITIES.exported  # a graph made from a model, not weights
+    if dtype and exported:
+        raise UsageError(
+            dst, f"--dtype applies to weight formats, not to {dst_adapter.NAME} export"
+        )
+    with open_source(src, format=src_format, trust_code=trust_code) as source:
+        if not exported:
+            options = dict(force=force, shard_size=shard_size, compression=compression, fsync=fsync)
+            return _convert(
+                source, dst, dst_adapter.NAME, spec, key, inputs, onnx, progress, dtype, options
+            )
         return _export(
-            src,
+            source,
             dst,
             spec=spec,
             key=key,
@@ -205,62 +200,70 @@ def convert(
             fsync=fsync,
             trust_code=trust_code,
             options=onnx,
+            dst_format=dst_adapter.NAME,
+            runtime=dst_adapter.CAPABILITIES.runtime,
         )
-    src_adapter = registry.detect(src, format=src_format)
-    save_options = dict(
-        format=dst_adapter.NAME,
-        force=force,
-        shard_size=shard_size,
-        compression=compression,
-        dtype=dtype,
-        fsync=fsync,
-    )
-    described = src_adapter.NAME == "onnx" and spec is None and hf.onnx_describes(src)
-    if src_adapter.NAME == "onnx" and (spec is not None or described):
-        with load(src, format=src_format) as ckpt:
-            module = (
-                models.instantiate(spec)
-                if spec is not None
-                else hf.from_metadata(ckpt.metadata, src, trust_code=trust_code)
-            )
-            if module is None:  # onnx_describes() said the record is there
-                raise UsageError(src, "no model", remedy="pass --model path.py:Class")
-            imported = map_to_state_dict(
-                ckpt, module, allow_missing=onnx.allow_missing, onnx_path=src
-            )
-            _save_with_progress(imported.checkpoint, dst, save_options, progress)
-            return _result(
-                src,
-                dst,
-                ckpt,
-                imported.checkpoint,
-                save_options,
-                hf.SOURCE if described else "spec",
-                mapping=imported.mapping,
-                missing=imported.missing,
-            )
+
+
+def _convert(
+    source: Source,
+    dst: Path,
+    dst_format: str,
+    spec: models.ModelSpec | None,
+    key: str | None,
+    inputs: list[InputSpec],
+    onnx: OnnxOptions,
+    progress: Progress | None,
+    dtype: str | None,
+    save_options: dict[str, Any],
+) -> ConvertResult:
+    """Weights to a weight format: mapped back from a graph when a model names them,
+    from a whole module's state_dict, or as the file holds them (plus a record)."""
+    src, trust_code = source.path, source.trust_code
+    save_options = {"format": dst_format, "dtype": dtype, **save_options}
+    described = source.kind == "graph" and spec is None and hf.onnx_describes(source)
+    if source.kind == "graph" and (spec is not None or described):
+        ckpt = source.checkpoint()
+        module = (
+            models.instantiate(spec)
+            if spec is not None
+            else hf.from_metadata(ckpt.metadata, src, trust_code=trust_code)
+        )
+        if module is None:  # onnx_describes() said the record is there
+            raise UsageError(src, "no model", remedy="pass --model path.py:Class")
+        imported = map_to_state_dict(ckpt, module, allow_missing=onnx.allow_missing, source=source)
+        _save_with_progress(imported.checkpoint, dst, save_options, progress)
+        return _result(
+            src,
+            dst,
+            ckpt,
+            imported.checkpoint,
+            save_options,
+            hf.SOURCE if described else "spec",
+            mapping=imported.mapping,
+            missing=imported.missing,
+        )
     loaded = None
-    plain = pt_format.read_plain(src) if spec is None and src_adapter is pt_format else None
-    if plain is None and (spec is not None or _holds_module(src, src_adapter)):
-        loaded = models.load_model(src, spec=spec, key=key, trust_code=trust_code)
-    with plain or _checkpoint(src, src_format, trust_code, loaded) as ckpt:
-        # --key (or the sub-dict a --model picked) is what gets written, not the whole file
-        chosen = key if loaded is None else loaded.selection and loaded.selection.key_used
-        out = select_subtree(ckpt, chosen, str(src)) if chosen else ckpt
-        if loaded is not None and loaded.source != "torchscript":
-            record = arch.build(
-                loaded.module,
-                inputs or _recorded_inputs(loaded),
-                model_args=spec.args if spec else None,
-                folder=dst if shard_size else dst.parent,  # class files relative to it
-            )
-            out = replace(out, metadata={**out.metadata, arch.ARCHITECTURE_KEY: arch.dumps(record)})
-        _save_with_progress(out, dst, save_options, progress)
-        return _result(src, dst, ckpt, out, save_options, loaded.source if loaded else None)
+    if spec is not None or source.kind == "module":
+        loaded = models.load_model(source, spec=spec, key=key, trust_code=trust_code)
+    ckpt = _checkpoint(source, loaded)
+    # --key (or the sub-dict a --model picked) is what gets written, not the whole file
+    chosen = key if loaded is None else loaded.selection and loaded.selection.key_used
+    out = select_subtree(ckpt, chosen, str(src)) if chosen else ckpt
+    if loaded is not None and loaded.source != "torchscript":
+        record = arch.build(
+            loaded.module,
+            inputs or _recorded_inputs(loaded),
+            model_args=spec.args if spec else None,
+            folder=dst if save_options["shard_size"] else dst.parent,  # class files: relative
+        )
+        out = replace(out, metadata={**out.metadata, ARCHITECTURE_KEY: arch.dumps(record)})
+    _save_with_progress(out, dst, save_options, progress)
+    return _result(src, dst, ckpt, out, save_options, loaded.source if loaded else None)
 
 
 def _export(
-    src: Path,
+    source: Source,
     dst: Path,
     *,
     spec: models.ModelSpec | None,
@@ -271,9 +274,11 @@ def _export(
     fsync: bool,
     trust_code: bool,
     options: OnnxOptions,
+    dst_format: str,
+    runtime: str,
 ) -> ConvertResult:
     """Weights + model -> ONNX, recording the architecture in the ONNX metadata."""
-    loaded = models.load_model(src, spec=spec, key=key, trust_code=trust_code)
+    loaded = models.load_model(source, spec=spec, key=key, trust_code=trust_code)
     _, tensors, by_name = examples
     keywords = by_name or (loaded.source == hf.SOURCE and not inputs)  # input_ids=...
     if options.with_past:  # the wrapper takes the past positionally, named in the graph
@@ -283,12 +288,12 @@ def _export(
     inputs = inputs or _recorded_inputs(loaded) or _derived_inputs(loaded, dst)
     metadata = {}
     if loaded.source == hf.SOURCE:  # transformers' class and config, not a module record
-        metadata[hf.METADATA_KEY] = json.dumps(loaded.record, separators=(",", ":"))
+        metadata[HF_KEY] = json.dumps(loaded.record, separators=(",", ":"))
     elif loaded.source != "torchscript":
         args = spec.args if spec else None
         record = arch.build(loaded.module, inputs, model_args=args, folder=dst.parent)
-        metadata[arch.ARCHITECTURE_KEY] = arch.dumps(record)
-    result = export_onnx(
+        metadata[ARCHITECTURE_KEY] = arch.dumps(record)
+    result = EXPORTERS[runtime](  # the runtime the destination's files run in
         loaded.module,
         dst,
         inputs=inputs,
@@ -306,10 +311,10 @@ def _export(
     )
     state = loaded.module.state_dict()
     return ConvertResult(
-        source=str(src),
+        source=str(source.path),
         destination=str(dst),
-        source_format=registry.detect(src).NAME,
-        destination_format="onnx",
+        source_format=source.format,
+        destination_format=dst_format,
         tensors=len(state),
         aliases=0,
         nbytes=result.parameters_bytes,
@@ -319,46 +324,17 @@ def _export(
     )
 
 
-def _onnx_options(
-    onnx: OnnxOptions | None,
-    opset: int | None,
-    dynamic_batch: bool | None,
-    exporter: str | None,
-    optimize: bool | None,
-    allow_missing: bool | None,
-    with_past: bool | None = None,
-) -> OnnxOptions:
-    """One :class:`OnnxOptions` from the object and the keywords (which win where given)."""
-    given: dict[str, Any] = dict(
-        opset=opset,
-        dynamic_batch=dynamic_batch,
-        exporter=exporter,
-        optimize=optimize,
-        allow_missing=allow_missing,
-        with_past=with_past,
-    )
-    return replace(onnx or OnnxOptions(), **{k: v for k, v in given.items() if v is not None})
-
-
 def _destination_adapter(dst: PathLike, format: str | None, shard_size: int | str | None) -> Any:
     """``--to``, else the extension; with ``--shard-size``, a name without a known
-    extension is a safetensors folder (what sharding writes)."""
+    extension is a folder of shards in the format that shards (safetensors)."""
     if format:
         return registry.get(format)
     try:
         return registry.for_destination(dst)
     except UsageError:
-        if shard_size:
-            return registry.get("safetensors")
+        if shard_size and registry.taking("shard_size"):
+            return registry.taking("shard_size")[0]
         raise
-
-
-def _holds_module(src: Path, adapter: Any) -> bool:
-    """A whole-module pickle: its weights come from the module.  (A TorchScript archive's
-    weights are read by nnconv's restricted reader: running it is not needed.)"""
-    if adapter.NAME != "pt" or models.is_torchscript(src):
-        return False
-    return models.is_module_pickle(pt_format.globals_in(src))
 
 
 def _derived_inputs(loaded: models.LoadedModel, dst: Path) -> list[InputSpec]:
@@ -380,15 +356,13 @@ def _recorded_inputs(loaded: models.LoadedModel) -> list[InputSpec]:
     return []
 
 
-def _checkpoint(
-    src: Path, src_format: str | None, trust_code: bool, loaded: models.LoadedModel | None
-) -> Checkpoint:
+def _checkpoint(source: Source, loaded: models.LoadedModel | None) -> Checkpoint:
     """The source's checkpoint; a whole-module file gives its module's state_dict."""
     if loaded is not None and loaded.source in ("module-pickle", "torchscript"):
-        ckpt = from_object(loaded.module.state_dict(), subject=str(src))
-        ckpt.format, ckpt.source = registry.detect(src).NAME, str(src)
+        ckpt = from_object(loaded.module.state_dict(), subject=str(source.path))
+        ckpt.format, ckpt.source = source.format, str(source.path)
         return ckpt
-    return load(src, format=src_format, trust_code=trust_code)
+    return source.checkpoint()
 
 
 def _save_with_progress(

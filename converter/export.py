@@ -21,21 +21,19 @@ import re
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nnconv.formats.atomic import atomic_output, check_destination
-from nnconv.formats.checkpoint import FORMAT_VERSION, VERSION_KEY
+from nnconv.formats.checkpoint import FORMAT_VERSION
 from nnconv.formats.errors import NnconvError, UnsupportedError, UsageError
+from nnconv.formats.keys import EXPORTER_KEY, OPTIMIZED_KEY, VERSION_KEY
 
 from .inputs import InputSpec, example_tensors
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
-EXPORT_FORMAT = "onnx"  # the format a model is exported to (its adapter only reads)
 # protobuf cannot serialise a message over 2 GiB; keep headroom for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
-EXPORTER_KEY = "nnconv.onnx.exporter"
-OPTIMIZED_KEY = "nnconv.onnx.optimized"
 
 
 @dataclass(frozen=True)
@@ -67,11 +65,15 @@ def export_onnx(
     keywords: bool = False,
     examples: tuple | None = None,
     output_names: list[str] | None = None,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> ExportResult:
     """Export ``module`` (in eval mode) to ``dst``; check it with ``onnx.checker``.
     ``keywords``: call it by the inputs' names (``input_ids=...``, transformers models),
     which the graph's inputs are then called.  ``examples``: the tensors to trace with
-    (else seeded random ones of ``inputs``).  ``output_names``: the graph's outputs."""
+    (else seeded random ones of ``inputs``).  ``output_names``: the graph's outputs.
+    ``dynamic_axes``: dynamic dimensions besides the batch, by input or output name
+    (``{"input_ids": {1: "sequence"}}``; dimensions of one name are one dimension); by
+    default the module's own ``onnx_dynamic_axes`` (``--with-past``'s lengths)."""
     import onnx
 
     dst = Path(dst)
@@ -83,7 +85,8 @@ def export_onnx(
     check_destination(dst, force=force)
     example = examples if examples is not None else example_tensors(inputs, seed=0)
     module.eval()
-    call = Call(inputs, example, keywords, output_names)
+    axes = dynamic_axes if dynamic_axes is not None else getattr(module, "onnx_dynamic_axes", None)
+    call = Call(inputs, example, keywords, output_names, axes or {})
     proto, used, reason = _export(module, call, opset, dynamic_batch, exporter, optimize)
     props = {
         **(metadata or {}),
@@ -128,6 +131,7 @@ class Call:
     example: tuple
     keywords: bool = False
     outputs: list[str] | None = None
+    axes: dict[str, dict[int, str]] = field(default_factory=dict)  # besides the batch
 
     @property
     def args(self) -> tuple:
@@ -141,6 +145,15 @@ class Call:
         if self.keywords:
             return dict(zip(_names(self.inputs), per_input, strict=True))
         return tuple(per_input)
+
+    def dynamic(self, dynamic_batch: bool) -> dict[str, dict[int, str]]:
+        """Every dynamic dimension by input or output name: the batch (axis 0 of every
+        input that has one, and of the outputs named in ``axes``), then ``axes``."""
+        batch = {0: "batch"} if dynamic_batch else {}
+        found = {s.name: dict(batch) for s in self.inputs if dynamic_batch and len(s.shape)}
+        for name, dims in self.axes.items():
+            found[name] = {**batch, **found.get(name, {}), **dims}
+        return found
 
 
 def _export(module, call: Call, opset, dynamic_batch, exporter, optimize):
@@ -175,9 +188,17 @@ def _dynamo(module, call: Call, opset, dynamic_batch, optimize):
     import torch
 
     shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch")
-        shapes = call.shapes([{0: batch} if len(spec.shape) else {} for spec in call.inputs])
+    axes = call.dynamic(dynamic_batch)
+    if axes:  # one torch.export.Dim per dimension name
+        dims: dict[str, object] = {}
+        make = torch.export.Dim
+        per_input = [
+            {a: dims.setdefault(n, make(re.sub(r"\W+", "_", n))) for a, n in axes[s.name].items()}
+            if s.name in axes and len(s.shape)
+            else {}
+            for s in call.inputs
+        ]
+        shapes = call.shapes(per_input)
     with quiet():
         program = torch.onnx.export(
             module,
@@ -192,7 +213,7 @@ def _dynamo(module, call: Call, opset, dynamic_batch, optimize):
             external_data=False,
             verbose=False,
         )
-    return program.model_proto
+    return _name_dims(program.model_proto, axes)
 
 
 def _torchscript(module, call: Call, opset, dynamic_batch, optimize):
@@ -200,11 +221,7 @@ def _torchscript(module, call: Call, opset, dynamic_batch, optimize):
     import torch
 
     names = _names(call.inputs)
-    axes = {
-        n: {0: "batch"}
-        for n, s in zip(names, call.inputs, strict=True)
-        if dynamic_batch and len(s.shape)
-    }
+    axes = call.dynamic(dynamic_batch)
     with quiet(), tempfile.TemporaryDirectory(prefix="nnconv-export-") as tmp:
         # Through a file path the TorchScript exporter handles models over 2 GiB itself.
         path = Path(tmp) / "model.onnx"
@@ -226,6 +243,17 @@ def _torchscript(module, call: Call, opset, dynamic_batch, optimize):
             dims = output.type.tensor_type.shape.dim
             if len(dims) and dims[0].HasField("dim_value"):
                 dims[0].dim_param = "batch"
+    return _name_dims(proto, axes)
+
+
+def _name_dims(proto, axes: dict[str, dict[int, str]]):
+    """The graph's inputs and outputs named in ``axes`` get those dimension names (the
+    exporters name a dimension they derive as they like: ``s3``, ``mask``)."""
+    for value in (*proto.graph.input, *proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for axis, name in axes.get(value.name, {}).items():
+            if axis < len(dims) and not dims[axis].HasField("dim_value"):
+                dims[axis].dim_param = name
     return proto
 
 

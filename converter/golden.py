@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from nnconv.formats import dtypes
 from nnconv.formats.errors import FormatError, UnsupportedError, UsageError
+from nnconv.formats.keys import GOLDEN_KEY
+from nnconv.formats.source import open_source
 
 from .inputs import (
     InputSpec,
@@ -56,7 +58,6 @@ __all__ = [
     "save_golden",
 ]
 
-GOLDEN_KEY = "nnconv.golden"
 MAX_DEPTH = 100  # outputs nested deeper than this are not a model's
 PathLike = str | os.PathLike[str]
 
@@ -317,11 +318,10 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def is_golden(path: PathLike) -> bool:
-    """Whether ``path`` is a safetensors file carrying golden metadata; never raises."""
-    from nnconv.formats.safetensors import safetensors_format
-
+    """Whether ``path`` is a file carrying golden metadata (read lazily); never raises."""
     try:
-        return GOLDEN_KEY in safetensors_format.read_header(Path(path))[1]
+        with open_source(path) as source:
+            return GOLDEN_KEY in source.checkpoint().metadata
     except Exception:
         return False
 

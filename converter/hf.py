@@ -8,7 +8,7 @@ handles them.  Only classes transformers itself defines are built without trust;
 config with ``auto_map`` (code the folder ships) needs ``trust_code``.  The inputs come
 from the config (:func:`input_specs`) and the model is called by keyword, without the
 KV cache (``use_cache=False``: logits only).  ONNX files exported from such a folder
-carry the config under :data:`METADATA_KEY`, so that their initializers map back to
+carry the config under :data:`HF_KEY`, so that their initializers map back to
 the model's names without ``--model``.
 
 transformers is an optional extra (``pip install 'nnconv[hf]'``).
@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from nnconv.formats import paths, pickle_gate, trust
 from nnconv.formats.errors import FormatError, NnconvError, UsageError
-from nnconv.formats.pt import pt_format
+from nnconv.formats.keys import HF_KEY
+from nnconv.formats.source import Source, open_source
 
 from .inputs import InputSpec
 from .state_dicts import _first_line
@@ -36,10 +37,10 @@ if TYPE_CHECKING:
     from torch import nn
 
 CONFIG_NAME = "config.json"
-METADATA_KEY = "nnconv.hf"  # {"architecture": ..., "config": {...}, "inputs": [...]}
 INSTALL = "pip install 'nnconv[hf]'"
 SOURCE = "hf"  # LoadedModel.source for a model rebuilt by transformers
 MAX_CONFIG_BYTES = 16 << 20
+PT_INDEX = "pytorch_model.bin.index.json"  # sharded .bin weights (transformers 4)
 BATCH, LENGTH = 2, 16  # text inputs; images and audio use batch 1
 WEIGHTS = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 
@@ -158,14 +159,20 @@ def _check_pickles(folder: Path) -> None:
     names = os.listdir(folder)
     if any(n.endswith(".safetensors") for n in names if WEIGHTS.match(n)):
         return
+    if PT_INDEX in names:  # the shards transformers will open: index and shards checked
+        with open_source(folder) as source:
+            source.checkpoint()
     for name in sorted(n for n in names if WEIGHTS.match(n) and n.endswith(".bin")):
         path = folder / name
         paths.check_input(path, folder_ok=False)
-        pickle_gate.check(str(path), pt_format.globals_in(path))
+        with open_source(path) as source:  # plain tensors need no gate: nothing to resolve
+            if source.kind == "torchscript":
+                raise FormatError(path, "is a TorchScript archive, not the model's weights")
+            pickle_gate.check(str(path), list(source.pickle_globals or ()))
 
 
 def load(folder: str | os.PathLike[str], *, trust_code: bool = False) -> tuple[nn.Module, dict]:
-    """(the model in eval mode, its :data:`METADATA_KEY` description) for an HF folder."""
+    """(the model in eval mode, its :data:`HF_KEY` description) for an HF folder."""
     folder = Path(folder)
     config = read_config(folder)
     name, auto = _architecture(config, folder, trust_code)
@@ -206,16 +213,16 @@ def describe(module: nn.Module, name: str) -> dict:
 
 
 def from_metadata(metadata: dict, subject, *, trust_code: bool = False) -> nn.Module | None:
-    """The model a file's :data:`METADATA_KEY` describes, with random weights (for mapping
+    """The model a file's :data:`HF_KEY` describes, with random weights (for mapping
     ONNX initializers back to its names); None when the file has no such record."""
-    text = metadata.get(METADATA_KEY)
+    text = metadata.get(HF_KEY)
     if text is None:
         return None
     try:
         record = json.loads(text)
         config, name = dict(record["config"]), str(record["architecture"])
     except (ValueError, TypeError, KeyError) as exc:
-        raise FormatError(subject, f"malformed {METADATA_KEY} metadata: {exc}") from None
+        raise FormatError(subject, f"malformed {HF_KEY} metadata: {exc}") from None
     return build(config, name, subject, trust_code=trust_code)
 
 
@@ -361,34 +368,34 @@ def tie_groups(state: dict) -> list[tuple[str, ...]]:
 
 
 def recorded_inputs(metadata: dict) -> list[InputSpec] | None:
-    """The inputs a file's :data:`METADATA_KEY` record lists; None without one."""
+    """The inputs a file's :data:`HF_KEY` record lists; None without one."""
     try:
-        return [InputSpec.from_json(s) for s in json.loads(metadata[METADATA_KEY])["inputs"]]
+        return [InputSpec.from_json(s) for s in json.loads(metadata[HF_KEY])["inputs"]]
     except (KeyError, ValueError, TypeError):
         return None
 
 
-def onnx_describes(path: str | os.PathLike[str]) -> bool:
+def onnx_describes(path: str | os.PathLike[str] | Source) -> bool:
     """Whether an ONNX file records the transformers model it was exported from."""
     return onnx_record(path) is not None
 
 
-def onnx_record(path: str | os.PathLike[str]) -> dict | None:
-    """The record an ONNX file carries of the transformers model it was exported from;
-    None for anything else (not ONNX, unreadable, no record)."""
-    from nnconv.formats import registry
-    from nnconv.formats.onnx import onnx_format
-
+def onnx_record(path: str | os.PathLike[str] | Source) -> dict | None:
+    """The record a graph file carries of the transformers model it was exported from;
+    None for anything else (not a graph, unreadable, no record)."""
     with contextlib.suppress(NnconvError, OSError):
-        if registry.detect(path).NAME == onnx_format.NAME:
-            model = onnx_format.load_model(Path(path))
-            return record({p.key: p.value for p in model.metadata_props})
+        source = open_source(path)
+        try:
+            return record(source.checkpoint().metadata) if source.kind == "graph" else None
+        finally:
+            if source is not path:
+                source.close()
     return None
 
 
 def record(metadata: dict) -> dict | None:
-    """A file's :data:`METADATA_KEY` record (architecture, config, inputs), or None."""
+    """A file's :data:`HF_KEY` record (architecture, config, inputs), or None."""
     with contextlib.suppress(KeyError, ValueError, TypeError):
-        found = json.loads(metadata[METADATA_KEY])
+        found = json.loads(metadata[HF_KEY])
         return found if isinstance(found, dict) else None
     return None

@@ -187,15 +187,14 @@ def example_tensors(specs: list[InputSpec], *, seed: int = 0) -> tuple:
 def graph_inputs(graph) -> tuple[list[InputSpec], dict[str, dict[int, str]], bool]:
     """An ONNX graph's declared inputs: specs (symbolic dims as 2), the symbolic axes, and
     whether initializers are listed as inputs (older exporters do)."""
-    from nnconv.formats.onnx import onnx_format
-
     inits = {t.name for t in graph.initializer}
     specs, axes = [], {}
     for inp in graph.input:
         if inp.name in inits:
             continue
         tensor = inp.type.tensor_type
-        dtype = onnx_format.ONNX_DTYPES.get(tensor.elem_type)
+        known = dtypes.BY_ONNX.get(tensor.elem_type)
+        dtype = known and known.name
         if not (inp.type.HasField("tensor_type") and tensor.HasField("shape")) or dtype is None:
             raise ValueError(f"graph input {inp.name!r} is not a tensor of known type and rank")
         dims = tensor.shape.dim

@@ -13,13 +13,21 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from nnconv.formats.checkpoint import ALIASES_KEY, STRUCTURE_KEY, Checkpoint
+from nnconv.formats.checkpoint import Checkpoint
+from nnconv.formats.keys import (
+    ALIASES_KEY,
+    ARCHITECTURE_KEY,
+    DEQUANTIZED_KEY,
+    QUANT_KEY,
+    STRUCTURE_KEY,
+)
+from nnconv.formats.source import Source, open_source
 
+from . import quantization
 from . import record as arch
-from .convert import load
+from .convert import weights
 from .layers import ModuleNode, build_tree
 
 PathLike = str | os.PathLike[str]
@@ -113,7 +121,7 @@ class InspectReport:
             lines += ["", "No tensors."]
             return "\n".join(lines)
         if table:
-            lines += ["", *_table(self.tensors)]
+            lines += ["", *_table(self.tensors, quantization.types_record(self.metadata))]
         if tree:
             lines += ["", *render_tree(self.tree, self.tensors)]
         return "\n".join(lines)
@@ -127,7 +135,8 @@ def inspect(
     ``format`` overrides detection; ``trust_code`` lets a pt file reference
     globals outside the allowlist (its pickle code runs: trusted files only).
     """
-    with load(path, format=format, trust_code=trust_code) as ckpt:
+    with open_source(path, format=format, trust_code=trust_code) as source:
+        ckpt = weights(source)
         names = [str(n) for n in ckpt.names()]
         listed = set(names)
         names += [n for n in ckpt.tensors if n not in listed]  # defensive: never drop one
@@ -153,21 +162,18 @@ def inspect(
             nbytes=ckpt.nbytes,
             tree=build_tree((r.name, r.dtype, r.shape) for r in rows),
             architecture=_architecture(ckpt),
-            globals=_globals(Path(path)) if ckpt.format == "pt" else None,
+            globals=_describe(source).get("globals"),
         )
 
 
-def _globals(path: Path) -> list[str] | None:
-    """The globals a pt file's pickles name, listed without unpickling (None: TorchScript)."""
-    from nnconv.formats.pt import pt_format
-
-    if pt_format.is_torchscript(path):
-        return None
-    return sorted(set(pt_format.globals_in(path)))
+def _describe(source: Source) -> dict[str, Any]:
+    """What the format's adapter adds for ``inspect`` (pt: the globals its pickles name)."""
+    describe = getattr(source.adapter, "describe", None)
+    return describe(source.file, source.classified) if describe else {}
 
 
 def _architecture(ckpt: Checkpoint) -> dict[str, Any] | None:
-    text = ckpt.metadata.get(arch.ARCHITECTURE_KEY)
+    text = ckpt.metadata.get(ARCHITECTURE_KEY)
     return None if text is None else arch.loads(text, ckpt.source)
 
 
@@ -204,10 +210,14 @@ def _clean(text: str) -> str:
 
 def _summary(key: str, value: str) -> str:
     """A metadata value for one line: nnconv's JSON records summarised, long values cut."""
-    if key == arch.ARCHITECTURE_KEY:
+    if key == ARCHITECTURE_KEY:
         return f"(architecture record, {len(value):,} chars of JSON; shown below)"
     if key.startswith(STRUCTURE_KEY):
         return f"(container layout, {len(value):,} chars of JSON)"
+    if key in (QUANT_KEY, DEQUANTIZED_KEY):  # GGUF: GGML types
+        types = quantization.types_record({key: value}, key)
+        how = "dequantised when read" if key == QUANT_KEY else "values dequantised"
+        return f"({how} from {quantization.summary(types)})"
     if key.startswith(ALIASES_KEY):
         try:
             return f"({len(json.loads(value)):,} tied names)"
@@ -218,12 +228,14 @@ def _summary(key: str, value: str) -> str:
     return _clean(value)
 
 
-def _table(rows: list[TensorRow]) -> list[str]:
-    """Aligned columns: name, dtype, shape, bytes (``= canonical`` for tied names)."""
+def _table(rows: list[TensorRow], stored: dict[str, str] | None = None) -> list[str]:
+    """Aligned columns: name, dtype (and the GGML type a tensor was dequantised from),
+    shape, bytes (``= canonical`` for tied names)."""
+    stored = stored or {}
     cells = [
         (
             _clean(r.name),
-            r.dtype,
+            f"{r.dtype} ({_clean(stored[r.name])})" if r.name in stored else r.dtype,
             format_shape(r.shape),
             f"= {_clean(r.alias_of)}" if r.alias_of is not None else human_bytes(r.nbytes),
         )

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nnconv.formats import pickle_gate, registry, trust
+from nnconv.formats import pickle_gate, trust
 from nnconv.formats.checkpoint import Checkpoint
-from nnconv.formats.errors import FormatError, NnconvError, UsageError
-from nnconv.formats.pt import pt_format
+from nnconv.formats.errors import FormatError, NnconvError, NoModelError, UsageError
+from nnconv.formats.keys import ARCHITECTURE_KEY, HF_KEY
+from nnconv.formats.source import Source, open_source
 
 from . import hf
 from . import record as arch
@@ -216,15 +217,15 @@ def _names_for(path: Path) -> tuple[str, str]:
 # --- self-describing files -----------------------------------------------------
 
 
-def is_torchscript(path: PathLike) -> bool:
-    """A ``torch.jit.save`` archive (see ``pt_format.is_torchscript``)."""
-    return pt_format.is_torchscript(Path(path))
+def is_torchscript(path: PathLike | Source) -> bool:
+    """A ``torch.jit.save`` archive (its weights read as data; running it needs trust)."""
+    return _kind(path) == "torchscript"
 
 
 def load_torchscript(path: PathLike, *, trust_code: bool = False) -> torch.jit.ScriptModule:
     """``torch.jit.load``: it runs the archive's own TorchScript (``__setstate__``,
     methods), so only with ``trust_code``; the weights alone need no trust
-    (``pt_format.read`` reads them with nnconv's restricted reader)."""
+    (the pt adapter reads them with nnconv's restricted reader)."""
     if not trust_code:
         raise trust.refuse(path, "running a TorchScript archive runs the code it holds")
     import torch
@@ -238,31 +239,25 @@ def load_torchscript(path: PathLike, *, trust_code: bool = False) -> torch.jit.S
     return module.eval()
 
 
-def is_self_describing(path: PathLike) -> bool:
+def is_self_describing(path: PathLike | Source) -> bool:
     """Whether the file is a model rather than weights: a TorchScript archive or a
     whole-module pickle, which the weight adapters cannot read.  A checkpoint that
     carries an architecture record reads as weights and is not counted.  Never raises:
     a missing or corrupt file is for the reader to report."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    if is_torchscript(path):
-        return True
+    return _kind(path) in ("module", "torchscript")
+
+
+def _kind(path: PathLike | Source) -> str | None:
+    if isinstance(path, Source):
+        return path.kind
     try:
-        return registry.detect(path).NAME == pt_format.NAME and is_module_pickle(
-            pt_format.globals_in(path)
-        )
+        with open_source(path) as source:
+            return source.kind
     except NnconvError:
-        return False
+        return None
 
 
-def is_module_pickle(globals_: list[str]) -> bool:
-    """Whether a torch.save file's globals show pickled modules (never in a state_dict)."""
-    extra = pickle_gate.MODULE_ALLOWED - pickle_gate.ALLOWED
-    return any(g in extra for g in globals_)
-
-
-def load_module_pickle(path: PathLike, *, trust_code: bool = False) -> Any:
+def load_module_pickle(path: PathLike | Source, *, trust_code: bool = False) -> Any:
     """Unpickle a ``torch.save(model)`` file: gated by the module allowlist, then
     ``torch.load(weights_only=True)`` with exactly the allowed classes, each behind a
     stand-in that creates the object without calling its constructor (what a real
@@ -270,7 +265,8 @@ def load_module_pickle(path: PathLike, *, trust_code: bool = False) -> Any:
     allocates nothing, the module's tensors are the file's."""
     import torch
 
-    globals_ = pt_format.globals_in(Path(path))
+    source = open_source(path)
+    path, globals_ = source.file, list(source.pickle_globals or ())
     if not trust_code:
         pickle_gate.check_module(str(path), globals_)
     try:
@@ -333,30 +329,24 @@ def _bare(cls: type):
     return new
 
 
-def _read(path: Path, trust_code: bool) -> tuple[str, Any]:
+def _read(source: Source, trust_code: bool) -> tuple[str, Any]:
     """("torchscript" | "module-pickle" | "object", value) or ("checkpoint", Checkpoint).
 
     A TorchScript archive reads as weights (nnconv's restricted reader) unless
     ``trust_code`` lets torch.jit load and run it.
     """
-    adapter = registry.detect(path)
-    plain = pt_format.read_plain(path) if adapter is pt_format else None
-    if plain is not None:  # tensors and containers: no module, no torch needed yet
-        return "checkpoint", plain
-    if adapter is pt_format and is_torchscript(path):
-        if trust_code:
-            return "torchscript", load_torchscript(path, trust_code=True)
-        return "checkpoint", adapter.read(path)
-    if adapter.NAME == pt_format.NAME and is_module_pickle(pt_format.globals_in(path)):
+    if source.kind == "torchscript" and trust_code:
+        return "torchscript", load_torchscript(source.file, trust_code=True)
+    if source.kind == "module":
         from torch import nn
 
-        obj = load_module_pickle(path, trust_code=trust_code)
+        obj = load_module_pickle(source, trust_code=trust_code)
         return ("module-pickle" if isinstance(obj, nn.Module) else "object"), obj
-    return "checkpoint", adapter.read(path, trust_code=trust_code)
+    return "checkpoint", source.checkpoint()
 
 
 def load_model(
-    path_or_ckpt: PathLike | Checkpoint,
+    path_or_ckpt: PathLike | Source | Checkpoint,
     *,
     spec: ModelSpec | None = None,
     key: str | None = None,
@@ -368,16 +358,20 @@ def load_model(
     With ``spec``: instantiate it and load the selected state_dict strictly.
     Without: the file must describe its model (whole-module pickle, TorchScript
     archive with ``trust_code``, or a checkpoint carrying nnconv's architecture
-    record, whose non-built-in classes need ``trust_code`` too).
+    record, whose non-built-in classes need ``trust_code`` too).  A path is opened
+    here and closed after; a :class:`Source` stays the caller's.
     """
+    source = None
     if isinstance(path_or_ckpt, Checkpoint):
         kind, value, subject = "checkpoint", path_or_ckpt, path_or_ckpt.source
-    elif spec is None and hf.is_folder(path_or_ckpt):  # transformers rebuilds it
-        module, described = hf.load(path_or_ckpt, trust_code=trust_code)
+    elif spec is None and hf.is_folder(Path(getattr(path_or_ckpt, "path", path_or_ckpt))):
+        folder = Path(getattr(path_or_ckpt, "path", path_or_ckpt))  # transformers rebuilds it
+        module, described = hf.load(folder, trust_code=trust_code)
         return LoadedModel(module, hf.SOURCE, record=described)
     else:
-        subject = str(path_or_ckpt)
-        kind, value = _read(Path(path_or_ckpt), trust_code)
+        source = open_source(path_or_ckpt, trust_code=trust_code)
+        subject = str(source.path)
+        kind, value = _read(source, trust_code)
     try:
         if kind in ("torchscript", "module-pickle") and spec is None:
             return LoadedModel(value.eval(), kind)
@@ -387,17 +381,16 @@ def load_model(
             sd, selection = select_state_dict(weights, module, key=key)
             load_weights(module, sd, example_inputs=example_inputs, subject=subject)
             return LoadedModel(module, "spec", selection)
-        source = value.source if kind == "checkpoint" and value.format == pt_format.NAME else None
-        if source and is_torchscript(source):  # weights read so far; running it needs trust
-            return LoadedModel(load_torchscript(source, trust_code=trust_code), "torchscript")
-        text = value.metadata.get(arch.ARCHITECTURE_KEY) if kind == "checkpoint" else None
-        if text is None and kind == "checkpoint" and hf.METADATA_KEY in value.metadata:
+        if source is not None and source.kind == "torchscript":  # running it needs trust
+            return LoadedModel(load_torchscript(source.file, trust_code=trust_code), "torchscript")
+        text = value.metadata.get(ARCHITECTURE_KEY) if kind == "checkpoint" else None
+        if text is None and kind == "checkpoint" and HF_KEY in value.metadata:
             module = hf.from_metadata(value.metadata, subject, trust_code=trust_code)
             sd, selection = select_state_dict(value, module, key=key)
             load_weights(module, sd, example_inputs=example_inputs, subject=subject)
             return LoadedModel(module, hf.SOURCE, selection, hf.record(value.metadata))
         if text is None:
-            raise UsageError(
+            raise NoModelError(
                 subject,
                 "no model: the file holds weights only",
                 remedy="pass --model path.py:Class",
@@ -408,5 +401,5 @@ def load_model(
         load_weights(module, sd, example_inputs=example_inputs, subject=subject)
         return LoadedModel(module, "record", selection, rec)
     finally:
-        if kind == "checkpoint" and not isinstance(path_or_ckpt, Checkpoint):
-            value.close()  # the module holds the weights it needs
+        if source is not None and source is not path_or_ckpt:
+            source.close()  # the module holds the weights it needs

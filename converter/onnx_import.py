@@ -1,12 +1,11 @@
 """Map an ONNX file's initializers back to a PyTorch module's ``state_dict`` keys.
 
 Exporters rename what they optimise: a Linear's weight is stored transposed as
-``onnx::MatMul_123`` (TorchScript) or ``val_12`` (dynamo), BatchNorm is folded
-into the Conv before it (dynamo keeps ``conv.weight`` as the folded tensor's
-name) and equal initializers are merged.  So the user's module, filled with
-distinct values, is exported once the way the file probably was; that reference
-shows by value which initializer holds which key and how, and aligning the two
-graphs node by node finds each reference initializer in the file.
+``onnx::MatMul_123`` (TorchScript) or ``val_12`` (dynamo), BatchNorm is folded into
+the Conv before it (dynamo keeps ``conv.weight`` as the folded tensor's name) and
+equal initializers are merged.  So the user's module, filled with distinct values,
+is exported once the way the file probably was: that reference shows by value which
+initializer holds which key and how; aligning the graphs finds each one in the file.
 """
 
 from __future__ import annotations
@@ -23,17 +22,17 @@ from typing import TYPE_CHECKING
 
 from nnconv.formats.checkpoint import Checkpoint, LazyTensor, flat_structure, tensor_bytes
 from nnconv.formats.errors import UnsupportedError
-from nnconv.formats.onnx import onnx_format
+from nnconv.formats.keys import EXPORTER_KEY, MAPPING_KEY, OPTIMIZED_KEY
+from nnconv.formats.registry import holds_graph
+from nnconv.formats.source import Source, open_source
 
 from . import hf
-from .export import EXPORTER_KEY, OPTIMIZED_KEY
 from .export import quiet as quiet_exporters
 from .inputs import example_tensors, graph_inputs
 
 if TYPE_CHECKING:
     import torch
 
-MAPPING_KEY = "nnconv.onnx_mapping"
 COUNTERS = ("num_batches_tracked",)  # non-trainable state exporters drop
 TORCHSCRIPT_OPSETS = range(7, 21)
 DYNAMO_OPSETS = range(18, 24)
@@ -70,17 +69,22 @@ def map_to_state_dict(
     module: torch.nn.Module,
     *,
     allow_missing: bool = False,
-    onnx_path: str | os.PathLike[str] | None = None,
+    source: Source | str | os.PathLike[str] | None = None,
 ) -> ImportResult:
-    """For every key of ``module.state_dict()``, the ONNX initializer that holds it."""
+    """For every key of ``module.state_dict()``, the ONNX initializer that holds it
+    (``source``: the graph file, by default the checkpoint's own)."""
+    if source is None and holds_graph(onnx_ckpt.format) and onnx_ckpt.source:
+        source = onnx_ckpt.source
+    if source is not None and not isinstance(source, Source):
+        with open_source(source) as opened:
+            return map_to_state_dict(onnx_ckpt, module, allow_missing=allow_missing, source=opened)
     import torch
 
-    path = onnx_path or (onnx_ckpt.source if onnx_ckpt.format == onnx_format.NAME else None)
     lazy_params = torch.nn.parameter.UninitializedParameter
-    if path is not None and any(isinstance(p, lazy_params) for p in module.parameters()):
+    if source is not None and any(isinstance(p, lazy_params) for p in module.parameters()):
         # Lazy modules learn their shapes from one forward pass on the graph's inputs.
         with torch.no_grad():
-            module(*example_tensors(graph_inputs(onnx_format.load_model(path).graph)[0]))
+            module(*example_tensors(graph_inputs(source.graph().graph)[0]))
     state = {k: v.detach() for k, v in module.state_dict().items()}
     files = onnx_ckpt.tensors
     notes: list[str] = []
@@ -92,12 +96,10 @@ def map_to_state_dict(
     for group in hf.tie_groups(state):  # one name of a tie found: the others are it
         hit = next((found[k] for k in group if k in found), None)
         found.update({k: (hit[0], "tied", hit[2]) for k in group if hit and k not in found})
-    ref = None
-    if any(k not in found and not _is_counter(k) for k in state):
-        if path is None:
-            notes.append("no ONNX file to read the graph from: matched by name and shape only")
-        else:
-            ref = _Reference.build(module, onnx_format.load_model(path), onnx_ckpt, notes)
+    unmapped = any(k not in found and not _is_counter(k) for k in state)
+    ref = _Reference.build(module, source, onnx_ckpt, notes) if unmapped and source else None
+    if unmapped and source is None:
+        notes.append("no ONNX file to read the graph from: matched by name and shape only")
     suspects: set[str] = set()
     if ref is not None:
         for key in state:
@@ -124,8 +126,7 @@ def map_to_state_dict(
         raise UnsupportedError(
             onnx_ckpt.source,
             f"{len(missing)} state_dict key(s) have no initializer in the ONNX file: "
-            + ", ".join(missing[:12])
-            + (" ..." if len(missing) > 12 else ""),
+            f"{', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}",
             value=missing,
             remedy=_remedy(missing, state, files, notes),
         )
@@ -155,14 +156,15 @@ class _Reference:
     explained: set[str]  # file initializers the reference accounts for
 
     @classmethod
-    def build(cls, module, file_model, onnx_ckpt: Checkpoint, notes: list[str]):
+    def build(cls, module, source: Source, onnx_ckpt: Checkpoint, notes: list[str]):
         try:
+            file_model = source.graph()
             proto, filled = _export_reference(module, file_model, onnx_ckpt, notes)
         except Exception as exc:  # exporters fail in many model-specific ways
             text = str(exc).strip().splitlines()
             notes.append(f"reference export failed: {text[0][:300] if text else type(exc)}")
             return None
-        ref = onnx_format.from_model(proto, subject="reference export", folder=None)
+        ref = source.adapter.from_graph(proto, subject="reference export", folder=None)
         index = _value_index(filled)
         by_key: dict[str, list[tuple[str, str]]] = {}
         unmatched = set()

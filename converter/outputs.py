@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from nnconv.formats.checkpoint import CAST_KEY
+from nnconv.formats.keys import CAST_KEY
 
 from . import noise
 from .convert import load

@@ -2,10 +2,13 @@
 
 The graph takes ``input_ids``, ``attention_mask`` (covering the past and the new tokens)
 and ``past_key_values.{i}.key`` / ``.value`` (batch × kv heads × past length × head dim,
-float32), and gives ``logits`` and ``present.{i}.key`` / ``.value``.  One wrapper,
+float32), and gives ``logits`` and ``present.{i}.key`` / ``.value``.  The batch, the new
+tokens' length (``sequence_length``) and the past length (``past_sequence_length``) are
+dynamic, as in optimum's graphs (:func:`dynamic_axes`), so that one graph serves the prompt
+(past length 0) and every decoding step (one new token).  One wrapper,
 :class:`WithPast`, builds a transformers ``DynamicCache`` from the past tensors and is
 both what is exported and what the torch side of ``verify`` runs, so that both sides see
-the same past.  The :data:`hf.METADATA_KEY` record says so (``"past"``) and lists every
+the same past.  The :data:`HF_KEY` record says so (``"past"``) and lists every
 input, so that ``verify HF_DIR m.onnx`` feeds the folder's model the same past.
 """
 
@@ -27,8 +30,10 @@ if TYPE_CHECKING:
 
     from .models import LoadedModel
 
-PAST_KEY = "past"  # in the hf record: {"length": past length, "layers": n}
-PAST_LENGTH = 4
+PAST_KEY = "past"  # in the hf record: {"length": the example's past length, "layers": n}
+PAST_LENGTH = 4  # the example the graph is traced with; the graph takes any length
+SEQUENCE, PAST = "sequence_length", "past_sequence_length"  # optimum's dimension names
+TOTAL = f"{PAST} + {SEQUENCE}"  # the mask and the presents
 FLAG_HELP = "ONNX from an HF decoder LM: past key/values as inputs and outputs."
 
 
@@ -50,6 +55,17 @@ def output_names(record: dict | None) -> list[str] | None:
         return None
     names = past_names(int(past["layers"]))
     return ["logits", *(n.replace("past_key_values.", "present.") for n in names)]
+
+
+def dynamic_axes(layers: int) -> dict[str, dict[int, str]]:
+    """The dynamic dimensions besides the batch, by input and output name, as optimum
+    names them: the new tokens' length, the past length, and past + new for the mask and
+    the presents."""
+    axes = {"input_ids": {1: SEQUENCE}, "attention_mask": {1: TOTAL}, "logits": {1: SEQUENCE}}
+    for name in past_names(layers):
+        axes[name] = {2: PAST}
+        axes[name.replace("past_key_values.", "present.")] = {2: TOTAL}
+    return axes
 
 
 class _WithPast:
@@ -77,6 +93,7 @@ def wrap(model: nn.Module, layers: int) -> nn.Module:
                 self.register_buffer(name, buf)
             self.config = model.config
             self.input_names = names
+            self.onnx_dynamic_axes = dynamic_axes(layers)  # export_onnx's default
 
         def forward(self, *args: Any, **named: Any) -> dict[str, Any]:
             if named:
@@ -198,3 +215,33 @@ def matching(build: Callable[..., Any], paths: Sequence[Any]) -> Callable[..., A
         return HFRunner(loaded, runner.path, runner.notes)
 
     return make
+
+
+PLAIN_NOTE = (
+    "takes no past: compared with the reference run without the past on the same new tokens"
+)
+
+
+def takes_no_past(runner: Any, ref_runner: Any) -> bool:
+    """Whether a candidate declares inputs without past (a plain export) while the
+    reference was given the past of a with-past export verified beside it."""
+    if runner is None or not isinstance(getattr(ref_runner, "module", None), _WithPast):
+        return False
+    names = [s.name for s in runner.input_specs() or []]
+    return bool(names) and not any(n.startswith("past_key_values.") for n in names)
+
+
+def without_past(ref_runner: Any, feed: Any) -> tuple[Any, dict[str, Any]]:
+    """The reference as a plain export was made from it (the folder's model, no cache)
+    and its feed: the same new tokens, their mask without the past's columns."""
+    from .runner import HFRunner
+
+    names = [s.name for s in ref_runner.input_specs() or []]
+    given = hf.keyword_inputs(names, feed)
+    ids = given["input_ids"]
+    fed = {"input_ids": ids, "attention_mask": given["attention_mask"][:, -ids.shape[1] :]}
+    own = {k: v for k, v in ref_runner.model.record.items() if k != PAST_KEY}
+    mask = hf._ones("attention_mask", tuple(fed["attention_mask"].shape))
+    own["inputs"] = [own["inputs"][0], mask.to_json()]  # input_ids as recorded
+    loaded = dataclasses.replace(ref_runner.model, module=ref_runner.module.inner, record=own)
+    return HFRunner(loaded, ref_runner.path, ref_runner.notes), fed

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from nnconv.formats import trust
 from nnconv.formats.errors import FormatError, UsageError
+from nnconv.formats.keys import ARCHITECTURE_KEY
 
 from . import locate
 from .inputs import InputSpec
@@ -32,7 +33,6 @@ from .inputs import InputSpec
 if TYPE_CHECKING:
     from torch import nn
 
-ARCHITECTURE_KEY = "nnconv.architecture"
 VERSION = 1
 BUILTIN_PREFIX = "torch.nn.modules."
 MAX_DEPTH = 100  # a crafted record must not exhaust the recursion limit

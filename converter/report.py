@@ -94,6 +94,7 @@ class CandidateReport:
     runner: str | None = None  # how the candidate ran: "torch (spec)", "onnxruntime (CPU...)"
     first_divergence: str | None = None  # first module whose output differs, in call order
     notes: list[str] = field(default_factory=list)
+    quantization: list[Any] = field(default_factory=list)  # GGUF: quantization.QuantError rows
 
     @property
     def passed(self) -> bool:
@@ -165,6 +166,7 @@ class VerifyReport:
                         "notes": list(c.notes),
                         "parameters": [asdict(p) for p in c.parameters],
                         "outputs": [asdict(o) for o in c.outputs],
+                        "quantization": [asdict(q) for q in c.quantization],
                     }
                     for c in self.candidates
                 ],
@@ -213,7 +215,7 @@ def _render_candidate(cand: CandidateReport, *, own: bool = False) -> list[str]:
     counts: dict[str, int] = {}
     for check in cand.parameters:
         counts[check.status] = counts.get(check.status, 0) + 1
-        if check.status != "identical":
+        if check.status != "identical" and not (cand.quantization and check.passed):
             verdict = "PASS" if check.passed else "FAIL"
             where = check.candidate_name if check.name == "" else check.name
             lines.append(f"  {verdict}  param  {where}  {_describe(check)}")
@@ -221,6 +223,10 @@ def _render_candidate(cand: CandidateReport, *, own: bool = False) -> list[str]:
         summary = ", ".join(f"{n} {status}" for status, n in counts.items())
         verdict = "PASS" if all(c.passed for c in cand.parameters) else "FAIL"
         lines.append(f"  {verdict}  parameters  {len(cand.parameters)} compared: {summary}")
+    if cand.quantization:  # a GGUF file compared by error: the table (converter/quantization.py)
+        from .quantization import render
+
+        lines += render(cand.quantization)
     for text in cand.tied:
         lines.append(f"  FAIL  tied  {text}")
     for out in cand.outputs:

@@ -15,16 +15,15 @@ import contextlib
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from nnconv.formats import registry
-from nnconv.formats.errors import NnconvError, UnsupportedError, UsageError
-from nnconv.formats.onnx import onnx_format
+from nnconv.formats.errors import NnconvError, NoModelError, UnsupportedError, UsageError
+from nnconv.formats.source import Source, open_source
 
 from . import hf, models
+from .export_pt2 import pt2_runner
 from .golden import OutputAlignment, align_outputs, flatten, resolve_inputs
 from .inputs import InputSpec, graph_inputs
 from .state_dicts import _first_line
@@ -247,7 +246,7 @@ def _set_tf32(owner: Any, value: bool) -> bool | None:
 
 
 def make_runner(
-    path: PathLike,
+    path: PathLike | Source,
     *,
     spec: models.ModelSpec | str | None = None,
     key: str | None = None,
@@ -257,38 +256,62 @@ def make_runner(
     """A runner for ``path``, or None when it holds weights only and no model is known
     (no ``spec``, no architecture record): the caller checks parameters only.  ONNX
     files run in onnxruntime; ``spec`` and ``key`` apply to the other formats."""
-    path = Path(path)
-    if registry.detect(path).NAME == onnx_format.NAME:
-        return _onnx_runner(path)
+    if not isinstance(path, Source) and hf.is_folder(path):
+        return _model_runner(path, spec, key, trust_code, example_inputs)
+    with contextlib.ExitStack() as stack:
+        source = path if isinstance(path, Source) else stack.enter_context(open_source(path))
+        run = RUNTIMES.get(source.capabilities.runtime or "")  # a program the file holds
+        if run is not None:
+            return run(source, trust_code=trust_code)
+        return _model_runner(source, spec, key, trust_code, example_inputs)
+
+
+def _model_runner(
+    path: PathLike | Source,
+    spec: models.ModelSpec | str | None,
+    key: str | None,
+    trust_code: bool,
+    example_inputs: tuple | None,
+) -> Runner | None:
     if isinstance(spec, str):
         spec = models.parse_spec(spec)
     try:
         loaded = models.load_model(
             path, spec=spec, key=key, example_inputs=example_inputs, trust_code=trust_code
         )
-    except UsageError as exc:
-        if spec is None and exc.problem.startswith("no model"):
+    except NoModelError:
+        if spec is None:
             return None
         raise
+    shown = str(getattr(path, "path", path))
     if loaded.source == hf.SOURCE:
-        return HFRunner(loaded, str(path))
-    return TorchRunner(loaded, str(path))
+        return HFRunner(loaded, shown)
+    return TorchRunner(loaded, shown)
 
 
-def _onnx_runner(path: Path) -> OnnxRunner:
-    model = onnx_format.load_model(path)
-    # Reading the initializers checks external data stays inside the model's folder
-    # (onnxruntime confines it too); initializers nnconv cannot decode are its business.
+def _graph_runner(source: Source, *, trust_code: bool = False) -> OnnxRunner:
+    """onnxruntime on the file.  Reading the initializers first checks external data stays
+    inside the model's folder (onnxruntime confines it too); initializers nnconv cannot
+    decode are onnxruntime's business."""
+    metadata: dict[str, str] = {}
     with contextlib.suppress(UnsupportedError):
-        onnx_format.from_model(model, subject=path, folder=path.parent).close()
+        metadata = source.checkpoint().metadata
     try:
-        specs = graph_inputs(model.graph)[0]
+        specs = graph_inputs(source.graph().graph)[0]
     except ValueError:
         specs = None
-    described = hf.recorded_inputs({p.key: p.value for p in model.metadata_props})
+    described = hf.recorded_inputs(metadata)
     if specs and described and [s.name for s in described] == [s.name for s in specs]:
         specs = described  # the exported model's own inputs: token ids in range, mask of ones
-    return OnnxRunner(str(path), specs)
+    return OnnxRunner(str(source.path), specs)
+
+
+# The runtime a format declares (Capabilities.runtime) -> the runner for its files; a
+# .pt2 program runs only with trust (see export_pt2).
+RUNTIMES: dict[str, Callable[..., Runner]] = {
+    "onnxruntime": _graph_runner,
+    "torch.export": pt2_runner,
+}
 
 
 # --- devices ------------------------------------------------------------------

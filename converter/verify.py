@@ -10,6 +10,7 @@ per-dtype tolerances.  When no side can run, the report says so and its
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
@@ -17,13 +18,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nnconv.formats import registry
 from nnconv.formats.errors import UnsafePickleError, UntrustedCodeError, UsageError
+from nnconv.formats.source import Source, open_source
 
 from . import golden as golden_io
-from . import models, noise, past
-from .compare import compare_outputs, compare_parameters
-from .convert import load
+from . import models, noise, past, quantization
+from .compare import compare_outputs
+from .convert import weights
 from .inputs import ExampleInputs, InputSpec, Shapes, by_name, named_specs, shape_list
 from .noise import Judge, Yardstick
 from .outputs import compare, cross_device, first_differing, run_candidate, yardstick
@@ -88,10 +89,43 @@ def verify(
     tolerances = parse_tolerances(atol, rtol)
     spec = models.model_spec(model, model_args)
     devices = devices_for(device)
-    ref_format = registry.detect(reference).NAME
+    with contextlib.ExitStack() as stack:  # each path detected and classified once
+        sources = [
+            stack.enter_context(open_source(path, trust_code=trust_code))
+            for path in (reference, *candidates)
+        ]
+        return _verify(
+            sources, spec, key, input_shapes, input_dtype, named_inputs, inputs_file,
+            example_inputs, devices, tolerances, params_only, outputs_only, strict, seed,
+            save_golden, golden, force, say,
+        )  # fmt: skip
+
+
+def _verify(
+    sources: list[Source],
+    spec: models.ModelSpec | None,
+    key: str | None,
+    input_shapes: list[Any],
+    input_dtype: str | None,
+    named_inputs: Sequence[str],
+    inputs_file: Any,
+    example_inputs: ExampleInputs | None,
+    devices: list[str],
+    tolerances: Any,
+    params_only: bool,
+    outputs_only: bool,
+    strict: bool,
+    seed: int,
+    save_golden: PathLike | None,
+    golden: PathLike | None,
+    force: bool,
+    say: Progress,
+) -> VerifyReport:
+    reference, candidates = sources[0], sources[1:]
+    trust_code = reference.trust_code
     report = VerifyReport(
-        reference=str(reference),
-        reference_format=ref_format,
+        reference=str(reference.path),
+        reference_format=reference.format,
         candidates=[],
         seed=seed,
         devices=devices,
@@ -103,8 +137,7 @@ def verify(
         judge = Judge(tolerances, strict=strict)
         return _replay(report, Path(golden), reference, spec, key, trust_code, judge, say)
     build = past.matching(  # transformers runners take a with-past export's inputs
-        functools.partial(_runner, spec=spec, key=key, trust_code=trust_code),
-        [reference, *candidates],
+        functools.partial(_runner, spec=spec, key=key, trust_code=trust_code), sources
     )
     ref_runner = None if params_only else build(reference, notes=report.notes)
     report.reference_runner = ref_runner.label if ref_runner else None
@@ -121,26 +154,24 @@ def verify(
             force,
             say,
         )
-    for path in candidates:  # parameters: one candidate's checkpoint open at a time
-        cand = CandidateReport(path=str(path), format=registry.detect(path).NAME)
+    for source in candidates:  # parameters: one candidate's checkpoint open at a time
+        cand = CandidateReport(path=str(source.path), format=source.format)
         if not outputs_only:
-            say(f"comparing parameters: {reference} vs {path}")
-            with (
-                load(reference, trust_code=trust_code) as ref_ckpt,
-                load(path, trust_code=trust_code) as cand_ckpt,
-            ):
-                cand.parameters, cand.tied = compare_parameters(
-                    ref_ckpt, cand_ckpt, tolerances=tolerances
-                )
+            say(f"comparing parameters: {reference.path} vs {source.path}")
+            cand.parameters, cand.tied = quantization.compare_parameters(  # GGUF: by error
+                weights(reference), weights(source), tolerances=tolerances, report=cand
+            )
+            source.close()  # its checkpoint goes; what the file is stays known
             cand.first_divergence = first_differing(cand)
         report.candidates.append(cand)
+    reference.close()
     if params_only:
         report.notes.append("outputs not checked: --params-only")
         return report
     if ref_runner is None:
-        if not any(n.startswith(f"{reference}: ") for n in report.notes):
+        if not any(n.startswith(f"{reference.path}: ") for n in report.notes):
             report.notes.append(
-                f"outputs not checked: {reference} holds weights only and no model describes "
+                f"outputs not checked: {reference.path} holds weights only and no model describes "
                 "it (pass --model path.py:Class)"
             )
         return report
@@ -160,19 +191,23 @@ def verify(
     if named_inputs or isinstance(example_inputs, Mapping):
         feed = by_name(specs, tensors)
     del declaring[1:]
-    ref_outs: dict[str, dict[str, torch.Tensor]] = {}
-    yards: dict[str, Yardstick | None] = {}
-    for dev in devices:
-        say(f"running {reference} on {dev}")
-        ref_outs[dev] = ref_runner.run(feed, device=dev)
-        yards[dev] = yardstick(report, ref_runner, feed, ref_outs[dev], dev, say)
+    _, ref_outs, yards, _ = _reference_runs(report, ref_runner, feed, devices, say)
     judge = Judge(tolerances, strict=strict)
     if save_golden is not None:
         _save_golden(report, save_golden, specs, tensors, ref_outs[devices[0]], force)
-    for path, cand in zip(candidates, report.candidates, strict=True):
-        runner = build(path, notes=report.notes)  # one candidate's model at a time
-        run_candidate(cand, runner, ref_runner, ref_outs, yards, feed, judge, say)
+    plain: _Side | None = None  # the reference without the past, for plain exports
+    for source, cand in zip(candidates, report.candidates, strict=True):
+        runner = build(source, notes=report.notes)  # one candidate's model at a time
+        side: _Side = (ref_runner, ref_outs, yards, feed)
+        if past.takes_no_past(runner, ref_runner):  # a plain export beside a with-past one
+            plain = plain or _reference_runs(
+                report, *past.without_past(ref_runner, feed), devices, say
+            )
+            side = plain
+            cand.notes.append(past.PLAIN_NOTE)
+        run_candidate(cand, runner, *side, judge, say)
         del runner
+        source.close()
         gc.collect()  # its model goes now, not when a cycle collection happens to run
     if len(devices) > 1:
         cross_device(report, ref_runner, ref_outs, judge)
@@ -180,8 +215,26 @@ def verify(
     return report
 
 
+# what a candidate is run against: the reference runner, its outputs and float64
+# yardstick by device, and the inputs they were run on
+_Side = tuple[Runner, dict[str, dict[str, "torch.Tensor"]], dict[str, Yardstick | None], Any]
+
+
+def _reference_runs(
+    report: VerifyReport, runner: Runner, feed: Any, devices: list[str], say: Progress
+) -> _Side:
+    """The reference's outputs and noise yardstick on every device, with what made them."""
+    outs: dict[str, dict[str, torch.Tensor]] = {}
+    yards: dict[str, Yardstick | None] = {}
+    for dev in devices:
+        say(f"running {report.reference} on {dev}")
+        outs[dev] = runner.run(feed, device=dev)
+        yards[dev] = yardstick(report, runner, feed, outs[dev], dev, say)
+    return runner, outs, yards, feed
+
+
 def _declaring_runner(
-    candidates: tuple[PathLike, ...], build: Callable[..., Runner | None]
+    candidates: list[Source], build: Callable[..., Runner | None]
 ) -> list[Runner]:
     """The first candidate that declares its inputs, when the reference does not."""
     for path in candidates:
@@ -215,7 +268,7 @@ def _save_golden(
 
 
 def _runner(
-    path: PathLike,
+    path: Source,
     *,
     spec: models.ModelSpec | None,
     key: str | None,
@@ -229,13 +282,13 @@ def _runner(
     except UnsafePickleError:
         raise  # the file cannot even be read without trust
     except UntrustedCodeError as exc:  # parameters only, saying what was not trusted
-        notes.append(f"{path}: outputs not run: {exc.problem} (pass --trust-code to run it)")
+        notes.append(f"{path.path}: outputs not run: {exc.problem} (pass --trust-code to run it)")
         return None
     except UsageError as exc:
         if spec is not None:
             raise
         notes.append(
-            f"{path}: not runnable: {exc.problem}" + (f" ({exc.remedy})" if exc.remedy else "")
+            f"{path.path}: not runnable: {exc.problem}" + (f" ({exc.remedy})" if exc.remedy else "")
         )
         return None
 
@@ -297,7 +350,7 @@ def _self_check(
 def _replay(
     report: VerifyReport,
     golden_path: Path,
-    path: PathLike,
+    path: Source,
     spec: models.ModelSpec | None,
     key: str | None,
     trust_code: bool,
@@ -309,7 +362,7 @@ def _replay(
     runner = make_runner(path, spec=spec, key=key, trust_code=trust_code)
     if runner is None:
         raise UsageError(
-            path,
+            path.path,
             "cannot run this file to replay the golden inputs",
             remedy="pass --model path.py:Class",
         )
@@ -317,10 +370,10 @@ def _replay(
     report.reference, report.reference_format = str(golden_path), "golden"
     report.reference_runner = None
     cand = CandidateReport(
-        path=str(path), format=registry.detect(path).NAME, runner=runner.label, outputs_checked=True
+        path=str(path.path), format=path.format, runner=runner.label, outputs_checked=True
     )
     for dev in report.devices:
-        say(f"replaying {golden_path} on {path} ({dev})")
+        say(f"replaying {golden_path} on {path.path} ({dev})")
         cand.outputs += compare(
             stored.outputs, runner.run(stored.tensors, device=dev), judge, dev, cand
         )

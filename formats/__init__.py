@@ -1,5 +1,6 @@
-"""nnconv.formats: the lower layer. Checkpoint model, errors, registry, pickle gate,
-one ``*_format.py`` adapter per format. Never imports ``nnconv.converter``."""
+"""nnconv.formats: the lower layer. The shared core (checkpoint model, errors, metadata
+keys, the adapter protocol, registry, sources, pickle gate, byte IO) and one folder per
+format holding its adapter. Never imports ``nnconv.converter``."""
 
 from .checkpoint import Checkpoint, LazyTensor
 from .errors import (
@@ -7,6 +8,7 @@ from .errors import (
     FormatError,
     LazyParameterError,
     NnconvError,
+    NoModelError,
     UnsafePickleError,
     UnsupportedError,
     UntrustedCodeError,
@@ -21,6 +23,7 @@ __all__ = [
     "LazyParameterError",
     "LazyTensor",
     "NnconvError",
+    "NoModelError",
     "UnsafePickleError",
     "UnsupportedError",
     "UntrustedCodeError",

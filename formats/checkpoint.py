@@ -21,15 +21,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import dtypes
 from .errors import FormatError, NnconvError, UsageError
+from .keys import ALIASES_KEY, STRUCTURE_KEY, VERSION_KEY
 
 if TYPE_CHECKING:
     import torch
 
 # Metadata keys nnconv owns.  Everything else is the user's, carried as is.
-STRUCTURE_KEY = "nnconv.structure"
-ALIASES_KEY = "nnconv.aliases"
-CAST_KEY = "nnconv.cast"
-VERSION_KEY = "nnconv.version"
 RESERVED_KEYS = (STRUCTURE_KEY, ALIASES_KEY, VERSION_KEY)
 FORMAT_VERSION = "1"
 ROOT_TENSOR_NAME = "tensor"

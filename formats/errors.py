@@ -137,3 +137,7 @@ class DestinationError(NnconvError):
 
 class UsageError(NnconvError):
     """An option or argument is invalid (unknown format, bad size, option for another format)."""
+
+
+class NoModelError(UsageError):
+    """The file holds weights only and nothing names a model to run them (``--model``)."""

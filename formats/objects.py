@@ -17,7 +17,6 @@ from typing import Any
 
 from . import checkpoint, dtypes
 from .checkpoint import (
-    CAST_KEY,
     ROOT_TENSOR_NAME,
     SCALARS,
     Checkpoint,
@@ -26,6 +25,7 @@ from .checkpoint import (
     depth_error,
 )
 from .errors import LazyParameterError, UnsupportedError
+from .keys import CAST_KEY
 
 
 class Describer:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import _compat_pickle
 import io
 import pickletools
+from collections.abc import Sequence
 from typing import IO
 
 from .errors import FormatError, LazyParameterError, UnsafePickleError
@@ -291,6 +292,11 @@ _LAZY_HOOK_GLOBALS = frozenset(
         "torch.utils.hooks.RemovableHandle",
     }
 )
+
+
+def is_module_pickle(globals_: Sequence[str]) -> bool:
+    """Whether a torch.save file's globals show pickled modules (never in a state_dict)."""
+    return any(g in MODULE_ALLOWED and g not in ALLOWED for g in globals_)
 
 
 def check_module(subject: str, globals_: list[str]) -> None:

@@ -1,35 +1,74 @@
-"""The format registry: one adapter module per format, detected by content first.
+"""The format registry: a read-only mapping of adapters, detection by content first.
 
-Every adapter module exposes the same names: ``NAME``, ``EXTENSIONS``,
-``DESCRIPTION``, ``CAN_WRITE``, ``sniff(path, head) -> bool``,
-``read(path, *, trust_code=False) -> Checkpoint`` and
-``write(ckpt, path, *, options) -> None``.  Adding a format is one new
-``*_format.py`` module and one line in :data:`ADAPTERS`.
+Every adapter is one module in its own folder with the names of
+:class:`~.adapter.Adapter` (``NAME``, ``EXTENSIONS``, ``DESCRIPTION``,
+``FEATURES``, ``CAPABILITIES``, ``sniff``, ``read``, ``write`` and optional hooks).
+Adding a format is one folder and one entry in :data:`BUILT_IN`; write options are
+checked here, once, against what each adapter declares.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from pathlib import Path
-from types import ModuleType
+from types import MappingProxyType
+from typing import Any
 
 from . import paths, sharding
+from .adapter import COMMON_OPTIONS, Adapter, Capabilities
 from .errors import FormatError, UsageError
+from .gguf import gguf_format
 from .hdf5 import hdf5_format
+from .npz import npz_format
 from .onnx import onnx_format
+from .options import WriteOptions
 from .pt import pt_format
+from .pt2 import pt2_format
 from .safetensors import safetensors_format
 
-ADAPTERS: dict[str, ModuleType] = {
-    m.NAME: m for m in (pt_format, safetensors_format, hdf5_format, onnx_format)
-}
+BUILT_IN: tuple[Any, ...] = (
+    pt_format,
+    safetensors_format,
+    hdf5_format,
+    onnx_format,
+    pt2_format,
+    gguf_format,
+    npz_format,
+)
+_ADAPTERS: dict[str, Adapter] = {}
+ADAPTERS = MappingProxyType(_ADAPTERS)  # name -> adapter, in registration order
+REQUIRED = ("NAME", "EXTENSIONS", "DESCRIPTION", "FEATURES", "sniff", "read", "write")
+
+
+def register(adapter: Any) -> None:
+    """Add an adapter (a module or object with the protocol's names)."""
+    missing = [n for n in REQUIRED if not hasattr(adapter, n)]
+    if missing or not isinstance(getattr(adapter, "CAPABILITIES", None), Capabilities):
+        raise TypeError(f"{adapter!r} lacks {missing or ['CAPABILITIES']}: not an adapter")
+    if adapter.NAME in _ADAPTERS:
+        raise ValueError(f"a format named {adapter.NAME!r} is registered already")
+    unknown = adapter.CAPABILITIES.write_options - _OPTION_FIELDS
+    if unknown:
+        raise ValueError(f"{adapter.NAME}: unknown write options {sorted(unknown)}")
+    _ADAPTERS[adapter.NAME] = adapter
+
+
+def unregister(name: str) -> None:
+    """Remove a format added with :func:`register` (tests, plugins)."""
+    _ADAPTERS.pop(name, None)
+
+
+_OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(WriteOptions)) - COMMON_OPTIONS
+for _adapter in BUILT_IN:
+    register(_adapter)
 HEAD_BYTES = 64
 HF_CONFIG, HF_PT_WEIGHTS = "config.json", "pytorch_model.bin"
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
-def get(name: str) -> ModuleType:
+def get(name: str) -> Adapter:
     """The adapter called ``name`` (as ``--from``/``--to`` spell it)."""
     try:
         return ADAPTERS[name]
@@ -55,7 +94,7 @@ def read_head(path: Path) -> bytes:
         raise FormatError(path, f"cannot read: {exc.strerror or exc}") from None
 
 
-def detect(path: str | os.PathLike[str], *, format: str | None = None) -> ModuleType:
+def detect(path: str | os.PathLike[str], *, format: str | None = None) -> Adapter:
     """The adapter for an existing file: ``format`` if given, else by content, then extension.
 
     A ``format`` that the content contradicts (``--from pt`` on a safetensors
@@ -73,7 +112,7 @@ def detect(path: str | os.PathLike[str], *, format: str | None = None) -> Module
     if path.is_dir():
         _check_folder(path)
     if path.is_dir() and weights_file(path) != path:  # save_pretrained's pytorch_model.bin
-        found = pt_format
+        found = pt_format  # type: ignore[assignment]
     else:
         found = next((a for a in ADAPTERS.values() if a.sniff(path, head)), None)
     if forced is not None:
@@ -114,7 +153,10 @@ def _check_folder(path: Path) -> None:
 
 def weights_file(path: Path) -> Path:
     """The one weight file of a folder ``save_pretrained`` wrote in the old format
-    (``config.json`` beside a single ``pytorch_model.bin``, no safetensors); else ``path``."""
+    (``config.json`` beside a single ``pytorch_model.bin``, no safetensors), or the index
+    of its ``pytorch_model-*.bin`` shards (``pytorch_model.bin.index.json``); else ``path``."""
+    if path.is_dir() and (index := pt_format.sharded_bin.index_of(path)) is not None:
+        return index
     names = os.listdir(path) if path.is_dir() else []
     weights = [n for n in names if n.endswith((".bin", ".safetensors", ".index.json"))]
     if weights == [HF_PT_WEIGHTS] and HF_CONFIG in names and (path / HF_PT_WEIGHTS).is_file():
@@ -122,7 +164,7 @@ def weights_file(path: Path) -> Path:
     return path
 
 
-def for_destination(path: str | os.PathLike[str], *, missing_ok: bool = True) -> ModuleType:
+def for_destination(path: str | os.PathLike[str], *, missing_ok: bool = True) -> Adapter:
     """The adapter a destination's extension asks for."""
     name = Path(path).name.lower()
     for adapter in ADAPTERS.values():
@@ -143,3 +185,28 @@ def for_destination(path: str | os.PathLike[str], *, missing_ok: bool = True) ->
     raise FormatError(
         path, "unrecognised format: not a file of any known format", remedy=f"known: {known}"
     )
+
+
+def taking(option: str) -> list[Adapter]:
+    """The formats whose writers take the write option ``option`` (``shard_size``)."""
+    return [a for a in ADAPTERS.values() if option in a.CAPABILITIES.write_options]
+
+
+def check_options(adapter: Adapter, options: WriteOptions, subject: Any = None) -> None:
+    """Options a destination's format does not take are an error, one message shape."""
+    for name in sorted(_OPTION_FIELDS - adapter.CAPABILITIES.write_options):
+        if getattr(options, name) not in (None, False):
+            takers = [a.NAME for a in taking(name)]
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(
+                subject,
+                f"{flag} applies to {' and '.join(takers) or 'no'} destinations only",
+                remedy=f"{adapter.NAME} files take no {flag}",
+            )
+
+
+def holds_graph(format: str | None) -> bool:
+    """Whether ``format``'s files are exported graphs: their weights are a graph's
+    initializers (equal tensors stored once, training counters dropped, constants kept)."""
+    adapter = ADAPTERS.get(format or "")
+    return adapter is not None and "graph" in adapter.CAPABILITIES.holds

@@ -7,11 +7,13 @@ Shards follow transformers' naming (``model-00001-of-00003.safetensors`` plus
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
-from .errors import UsageError
+from . import paths
+from .errors import FormatError, UsageError
 
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -94,3 +96,48 @@ def shard_size_for(path: str | os.PathLike[str], shard_size: int | None) -> int 
     if Path(path).is_dir() and os.path.lexists(Path(path) / INDEX_NAME):
         return DEFAULT_SHARD_SIZE
     return None
+
+
+def json_problem(exc: Exception) -> str:
+    """A JSON error without the document's text (json's messages give a position only;
+    anything else is named by its type)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at character {exc.pos}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc) if str(exc) == "duplicate key in header" else type(exc).__name__
+
+
+def read_index(path: Path, expect: os.stat_result | None = None) -> tuple[Path, dict]:
+    """A Hugging Face shard index (``weight_map``), bounded and checked: (folder, index)."""
+    try:
+        with os.fdopen(paths.open_regular(path, expect), "rb") as fh:
+            raw = fh.read(MAX_INDEX_BYTES + 1)
+    except OSError as exc:
+        raise FormatError(path, f"cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_INDEX_BYTES:
+        raise FormatError(
+            path, "shard index is larger than the 100 MB limit", limit=MAX_INDEX_BYTES
+        )
+    try:
+        index = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise FormatError(path, f"shard index is not UTF-8 (at byte {exc.start})") from None
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(path, f"unreadable shard index: {json_problem(exc)}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise FormatError(path, "shard index has no weight_map object")
+    bad = next((k for k, v in weight_map.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise FormatError(path, f"weight_map entry {bad!r} does not name a shard file")
+    metadata = index.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise FormatError(path, "shard index metadata is not an object")
+    return path.parent, index
+
+
+def member(folder: Path, name: str, subject: Path, what: str) -> tuple[Path, os.stat_result]:
+    """A file the folder's index names (or its index): checked by the one containment rule."""
+    remedy = "a sharded model's files must be regular files in its folder"
+    return paths.contained(folder, name, subject=subject, what=what, remedy=remedy)

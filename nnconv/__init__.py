@@ -14,8 +14,9 @@ Every error nnconv raises on purpose is an :class:`NnconvError`.
 
 from importlib import metadata as _metadata
 
-from nnconv.converter.convert import ConvertResult, OnnxOptions, convert, load, save
+from nnconv.converter.convert import ConvertResult, convert, load, save
 from nnconv.converter.inspect import InspectReport, inspect
+from nnconv.converter.options import OnnxOptions
 from nnconv.converter.report import VerifyReport
 from nnconv.converter.verify import verify
 from nnconv.formats import (
@@ -24,6 +25,7 @@ from nnconv.formats import (
     FormatError,
     LazyParameterError,
     NnconvError,
+    NoModelError,
     UnsafePickleError,
     UnsupportedError,
     UntrustedCodeError,
@@ -45,6 +47,7 @@ __all__ = [
     "InspectReport",
     "LazyParameterError",
     "NnconvError",
+    "NoModelError",
     "OnnxOptions",
     "UnsafePickleError",
     "UnsupportedError",

@@ -241,7 +241,7 @@ CASES = {
     ),
     "unknown-to": Case(
         _put(model__pt="model.pt"),
-        ["convert", "model.pt", "out.gguf", "--to", "gguf"],
+        ["convert", "model.pt", "out.tflite", "--to", "tflite"],
         None,
         ("--to", "onnx"),
     ),

@@ -62,7 +62,7 @@ def test_shard_size_into_a_name_without_extension_is_a_safetensors_folder(tmp_pa
         assert list(f.keys())
 
 
-@pytest.mark.parametrize("name", ["m.npz", "m.keras", "m.gguf", "m.tflite"])
+@pytest.mark.parametrize("name", ["m.msgpack", "m.keras", "m.mlmodel", "m.tflite"])
 def test_unsupported_extensions_are_named_as_such(tmp_path, name):
     line = nnconv("convert", MLP, tmp_path / name).assert_refused(tmp_path / name)
     suffix = Path(name).suffix

@@ -25,9 +25,8 @@ from nnconv.converter.compare import (
     compare_values,
     parse_tolerances,
 )
-from nnconv.converter.export import OPTIMIZED_KEY
-from nnconv.converter.onnx_import import MAPPING_KEY
 from nnconv.formats.errors import UsageError
+from nnconv.formats.keys import MAPPING_KEY, OPTIMIZED_KEY
 from nnconv.formats.objects import from_object
 
 NONE = Tolerances()

@@ -17,8 +17,8 @@ from zoo import MODELS_FILE, ZOO, build, fixture_models, spec
 from nnconv import convert, inspect, load
 from nnconv.converter.convert import OnnxOptions
 from nnconv.converter.inputs import example_tensors, input_specs
-from nnconv.converter.record import ARCHITECTURE_KEY
 from nnconv.formats.errors import UntrustedCodeError
+from nnconv.formats.keys import ARCHITECTURE_KEY
 
 ROOT = MODELS_FILE.parents[1]
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from nnconv.converter import load, save
 from nnconv.converter.compare import Tolerances, compare_parameters
-from nnconv.converter.export import OPTIMIZED_KEY
+from nnconv.formats.keys import OPTIMIZED_KEY
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,10 @@ from helpers import assert_same
 from nnconv import inspect, load, save
 from nnconv.converter.cli import cli
 from nnconv.formats import checkpoint, to_object
-from nnconv.formats.checkpoint import MAX_DEPTH, STRUCTURE_KEY, from_records
+from nnconv.formats.checkpoint import MAX_DEPTH, from_records
 from nnconv.formats.errors import FormatError, NnconvError, UnsupportedError
 from nnconv.formats.hdf5 import hdf5_format
+from nnconv.formats.keys import STRUCTURE_KEY
 from nnconv.formats.objects import from_object
 
 

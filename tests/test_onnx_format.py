@@ -361,4 +361,4 @@ def test_write_explains_that_export_needs_a_model(tmp_path):
     ckpt = read_checked(save(tmp_path / "m.onnx", [raw_proto("w", torch.ones(2))]))
     with pytest.raises(UsageError, match="model.*input_shapes"):
         onnx_format.write(ckpt, tmp_path / "out.onnx")
-    assert onnx_format.CAN_WRITE is False and ".onnx" in onnx_format.EXTENSIONS
+    assert not onnx_format.CAPABILITIES.writes and ".onnx" in onnx_format.EXTENSIONS

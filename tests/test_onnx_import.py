@@ -16,9 +16,10 @@ from torch import nn
 
 from nnconv.converter.export import export_onnx
 from nnconv.converter.inputs import input_specs
-from nnconv.converter.onnx_import import MAPPING_KEY, map_to_state_dict
+from nnconv.converter.onnx_import import map_to_state_dict
 from nnconv.formats import to_object
 from nnconv.formats.errors import UnsupportedError
+from nnconv.formats.keys import MAPPING_KEY
 from nnconv.formats.onnx import onnx_format
 
 
@@ -127,7 +128,7 @@ def test_transformer_torchscript_constant_folding(tmp_path):
 def test_bias_free_linear_on_3d_input(tmp_path):
     model = trained(BiasFree)
     path = export_ts(model, torch.randn(2, 7, 6), tmp_path / "lin.onnx")
-    result = map_to_state_dict(onnx_format.read(path), BiasFree(), onnx_path=path)
+    result = map_to_state_dict(onnx_format.read(path), BiasFree(), source=path)
     assert by_how(result) == {("value", "transposed"): {"up.weight", "down.weight"}}
     assert all(row.initializer.startswith("onnx::MatMul_") for row in result.mapping)
     assert result.checkpoint.tensors["up.weight"].shape == (10, 6)

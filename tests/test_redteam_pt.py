@@ -24,9 +24,9 @@ import torch
 from helpers import assert_same
 from safetensors.torch import load_file
 
-from nnconv.formats import checkpoint, to_object
+from nnconv.formats import checkpoint, to_object, torchzip
 from nnconv.formats.errors import FormatError, NnconvError, UnsupportedError
-from nnconv.formats.pt import pt_format, torchzip
+from nnconv.formats.pt import pt_format
 from nnconv.formats.safetensors import safetensors_format
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -450,7 +450,7 @@ def test_pickle_claims_are_bounded_before_unpickling(tmp_path, bomb):
 
 def test_size_check_accepts_every_real_pickle():
     """The opcode walk agrees with pickletools on what real pickles hold (all protocols)."""
-    from nnconv.formats.pt import torchpickle
+    from nnconv.formats import torchpickle
 
     objects = [
         {"a": [1, 2.5, "r\xff\x00", b"rbytes" * 50, None, True], "b": (1,) * 300},

@@ -159,7 +159,8 @@ def test_reads_without_importing_torch(tmp_path, name):
     out = tmp_path / "out.safetensors"
     code = (
         "import sys\n"
-        "from nnconv.formats import pt_format, safetensors_format\n"
+        "from nnconv.formats.pt import pt_format\n"
+        "from nnconv.formats.safetensors import safetensors_format\n"
         "safetensors_format.write(pt_format.read(sys.argv[1]), sys.argv[2])\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')))\n"
     )

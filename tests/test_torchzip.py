@@ -19,10 +19,10 @@ from helpers import assert_same
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nnconv.formats import dtypes
+from nnconv.formats import dtypes, torchpickle, torchzip
 from nnconv.formats.errors import FormatError
 from nnconv.formats.objects import from_object, to_object
-from nnconv.formats.pt import pt_format, torchpickle, torchzip
+from nnconv.formats.pt import pt_format
 
 DTYPES = [getattr(torch, name) for name in dtypes.DTYPES]
 

@@ -15,7 +15,7 @@ from helpers import Payload
 from zoo import ZOO, build, spec
 
 from nnconv import convert, save
-from nnconv.converter.convert import OnnxOptions
+from nnconv.converter.options import OnnxOptions
 from nnconv.converter.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]

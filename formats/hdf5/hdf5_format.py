@@ -41,23 +41,24 @@ import re
 from pathlib import Path
 
 from .. import checkpoint, dtypes, rawio
+from ..adapter import Capabilities
 from ..atomic import atomic_output
-from ..checkpoint import ALIASES_KEY, Checkpoint, LazyTensor, Span, from_records, tensor_bytes
+from ..checkpoint import Checkpoint, LazyTensor, Span, from_records, tensor_bytes
 from ..errors import FormatError, UnsupportedError, UsageError
+from ..keys import ALIASES_KEY, PATHS_KEY
 from ..options import DEFAULT_OPTIONS, WriteOptions
 from . import hdf5_chunks, hdf5_layout, hdf5_probe
 
 NAME = "hdf5"
 EXTENSIONS = (".h5", ".hdf5", ".hdf", ".keras.h5")
 DESCRIPTION = "HDF5, nnconv's layout (written) and Keras 3 / legacy Keras layouts (read)"
-CAN_WRITE = True
+CAPABILITIES = Capabilities(writes=True, write_options=frozenset({"compression"}))
 FEATURES = "containers, hard-linked tied weights, metadata, bfloat16/float8 as bit patterns"
 
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # What h5py raises on a corrupt file: the HDF5 library's failures surface as OSError,
 # RuntimeError ("Unspecified error in H5Dget_offset"), KeyError, ValueError or TypeError.
 H5_ERRORS = hdf5_probe.H5_ERRORS
-PATHS_KEY = "nnconv.paths"
 ESCAPE_GROUP = "_nnconv"
 COMPRESSIONS = ("gzip", "lzf")
 # Bounds on what a dataset may claim (see the module docstring).  Deflate cannot

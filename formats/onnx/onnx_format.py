@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from .. import dtypes, paths
+from ..adapter import Capabilities
 from ..checkpoint import RESERVED_KEYS, Checkpoint, LazyTensor, Span, from_records
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..options import DEFAULT_OPTIONS, WriteOptions
@@ -23,32 +24,11 @@ from ..options import DEFAULT_OPTIONS, WriteOptions
 NAME = "onnx"
 EXTENSIONS = (".onnx",)
 DESCRIPTION = "ONNX model initializers, inline or external data (written by exporting a model)"
-CAN_WRITE = False
+CAPABILITIES = Capabilities(holds=("graph",), runtime="onnxruntime", exported=True)
 FEATURES = "graph initializers by name; metadata_props; external data confined to the folder"
 
-# onnx.TensorProto.DataType -> torch dtype name (the enum values are fixed by the spec).
-ONNX_DTYPES: dict[int, str] = {
-    1: "float32",
-    2: "uint8",
-    3: "int8",
-    4: "uint16",
-    5: "int16",
-    6: "int32",
-    7: "int64",
-    9: "bool",
-    10: "float16",
-    11: "float64",
-    12: "uint32",
-    13: "uint64",
-    14: "complex64",
-    15: "complex128",
-    16: "bfloat16",
-    17: "float8_e4m3fn",
-    18: "float8_e4m3fnuz",
-    19: "float8_e5m2",
-    20: "float8_e5m2fnuz",
-    24: "float8_e8m0fnu",
-}
+# onnx.TensorProto.DataType -> torch dtype name (the codes live in the dtype table).
+ONNX_DTYPES: dict[int, str] = {code: d.name for code, d in dtypes.BY_ONNX.items()}
 EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
 # Where the values of each dtype live when not in raw_data: (field, numbers per element).
@@ -103,7 +83,7 @@ def sniff(path: Path, head: bytes) -> bool:
     return fields > 0
 
 
-def load_model(path: str | os.PathLike[str]):
+def load_graph(path: str | os.PathLike[str]):
     """The ``ModelProto`` of ``path`` without its external data; decode errors as FormatError."""
     import onnx
     from google.protobuf.message import DecodeError
@@ -125,10 +105,10 @@ def load_model(path: str | os.PathLike[str]):
 
 def read(path: Path, *, trust_code: bool = False) -> Checkpoint:
     path = Path(path)
-    return from_model(load_model(path), subject=path, folder=path.parent)
+    return from_graph(load_graph(path), subject=path, folder=path.parent)
 
 
-def from_model(model, *, subject: str | os.PathLike[str] | None, folder: Path | None) -> Checkpoint:
+def from_graph(model, *, subject: str | os.PathLike[str] | None, folder: Path | None) -> Checkpoint:
     """A checkpoint of ``model``'s initializers; external data is looked up in ``folder``."""
     graph = model.graph
     if len(graph.sparse_initializer):

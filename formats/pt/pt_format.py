@@ -19,26 +19,22 @@ import zlib
 from functools import partial
 from pathlib import Path
 
-from .. import dtypes, pickle_gate, rawio
+from .. import pickle_gate, rawio, torchpickle, torchzip
+from ..adapter import Capabilities, Classified
 from ..atomic import atomic_output
 from ..checkpoint import (
-    INT64_MAX,
-    VIEW_SLACK,
     Checkpoint,
-    LazyTensor,
-    Span,
-    check_expansion,
     paused_gc,
 )
 from ..errors import FormatError, NnconvError, UnsupportedError, UsageError
 from ..objects import Describer, from_object, tensor_flags
 from ..options import DEFAULT_OPTIONS, WriteOptions
-from . import torchpickle, torchzip
+from . import sharded_bin
 
 NAME = "pt"
 EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".params", ".pkl")
 DESCRIPTION = "PyTorch torch.save (zip archive and legacy format); weights-only reading"
-CAN_WRITE = True
+CAPABILITIES = Capabilities(writes=True, holds=("weights", "module", "torchscript"))
 FEATURES = "containers, non-tensor leaves, tied weights; no free-form metadata"
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -62,6 +58,8 @@ ZIP_ERRORS = (
 
 
 def sniff(path: Path, head: bytes) -> bool:
+    if sharded_bin.is_index(path):  # a folder of pytorch_model-*.bin shards, by its index
+        return True
     if head.startswith(LEGACY_MAGIC):
         return True
     return head.startswith(ZIP_MAGIC) and any(n.endswith("data.pkl") for n in _members(path))
@@ -182,18 +180,53 @@ def _check_records(path: Path, members: dict[str, torchzip.Record]) -> None:
             )
 
 
-def read(path: Path, *, trust_code: bool = False) -> Checkpoint:
+def classify(path: Path) -> Classified:
+    """What the file holds, each fact found once: a TorchScript archive, plain tensors
+    (read here, without torch), or pickles the gate scanned (a whole module or weights
+    that need ``torch.load``); the reader reuses the scan."""
     path = Path(path)
-    if is_torchscript(path):  # never torch.jit.load, which runs the archive's code
-        from . import torchscript
-
-        return torchscript.read(path, trust_code=trust_code)
-    plain = read_plain(path)  # its unpickler resolves only tensor rebuilds: a gate itself
+    if sharded_bin.is_index(path) or path.is_dir():  # pytorch_model-*.bin shards
+        return Classified("weights", reader=partial(_sharded, path))
+    members = _members(path)
+    if _is_torchscript(members):  # never torch.jit.load, which runs the archive's code
+        return Classified("torchscript", reader=partial(_script, path))
+    plain = read_plain(path, members)  # its unpickler resolves only tensor rebuilds
     if plain is not None:
-        return plain
-    globals_ = globals_in(path)
+        return Classified("weights", checkpoint=plain)
+    globals_ = tuple(globals_in(path))
+    kind = "module" if pickle_gate.is_module_pickle(globals_) else "weights"
+    return Classified(kind, pickle_globals=globals_, reader=partial(_gated, path, globals_))
+
+
+def describe(path: Path, found: Classified) -> dict[str, list[str]]:
+    """For ``inspect``: the globals the file's pickles name (none for TorchScript)."""
+    if found.kind == "torchscript":
+        return {}
+    if sharded_bin.is_index(path) or path.is_dir():  # every shard's, together
+        files = sharded_bin.shards(path)[2].values()
+        return {"globals": sorted({g for f in files for g in globals_in(f)})}
+    return {"globals": sorted(set(found.pickle_globals or globals_in(path)))}
+
+
+def read(path: Path, *, trust_code: bool = False) -> Checkpoint:
+    found = classify(path)
+    return found.checkpoint or found.reader(trust_code)
+
+
+def _sharded(path: Path, trust_code: bool) -> Checkpoint:
+    return sharded_bin.read(path, trust_code=trust_code)
+
+
+def _script(path: Path, trust_code: bool) -> Checkpoint:
+    from . import torchscript
+
+    return torchscript.read(path, trust_code=trust_code)
+
+
+def _gated(path: Path, globals_: tuple[str, ...], trust_code: bool) -> Checkpoint:
+    """``torch.load`` once the gate passed the globals ``classify`` scanned."""
     if not trust_code:
-        pickle_gate.check(str(path), globals_)
+        pickle_gate.check(str(path), list(globals_))
     import torch  # only once the gate has passed: refusing a file stays cheap
 
     legacy = not zipfile.is_zipfile(path)
@@ -220,7 +253,9 @@ def read(path: Path, *, trust_code: bool = False) -> Checkpoint:
 
 
 @paused_gc()
-def read_plain(path: Path) -> Checkpoint | None:
+def read_plain(
+    path: Path, members: dict[str, torchzip.Record] | None = None
+) -> Checkpoint | None:
     """A zip archive of tensors and containers, read without torch.
 
     Its unpickler resolves nothing but ``OrderedDict`` and torch's tensor rebuild
@@ -228,7 +263,7 @@ def read_plain(path: Path) -> Checkpoint | None:
     None when the file needs ``torch.load``: the legacy format, other globals (a
     whole module, numpy arrays...), big-endian or compressed records.
     """
-    members = _members(Path(path))
+    members = _members(Path(path)) if members is None else members
     pickles = [n for n in members if n.endswith("data.pkl")]
     if len(pickles) != 1 or not members[pickles[0]].stored or _is_torchscript(members):
         return None
@@ -257,7 +292,7 @@ def read_plain(path: Path) -> Checkpoint | None:
             if type(ref) is not torchpickle.TensorRef:
                 return None
             record = members.get(data_prefix + ref.storage.key)
-            lazy, key = _lazy(path_str, heads, record, ref, mapping)
+            lazy, key = torchzip.lazy_tensor(path_str, heads, record, ref, mapping)
             leaf = describer.add(name, lazy, key)
             if parameter or ref.requires_grad:
                 grad = value.requires_grad if parameter else ref.requires_grad
@@ -271,50 +306,6 @@ def read_plain(path: Path) -> Checkpoint | None:
             return None
     ckpt.format, ckpt.source = NAME, path_str
     return ckpt
-
-
-def _lazy(path: str, heads: mmap.mmap, record, ref, mapping) -> tuple[LazyTensor, tuple]:
-    """A tensor reference as a lazy tensor, checked against its storage record: a span
-    when its bytes are contiguous.  (Called once per tensor: kept lean.)"""
-    if record is None:
-        raise FormatError(path, f"storage {ref.storage.key!r} has no data record")
-    if not record.stored:
-        raise torchpickle.NotPlain("compressed storage record")
-    itemsize = (dtypes.DTYPES.get(ref.dtype) or dtypes.get(ref.dtype, subject=path)).itemsize
-    size = ref.storage.numel * (itemsize if ref.storage.dtype else 1)
-    if size != record.size:
-        raise FormatError(
-            path,
-            f"storage {ref.storage.key!r} declares {size} bytes, its record holds {record.size}",
-        )
-    shape, stride = ref.shape, ref.stride
-    numel, last, step, contiguous = 1, ref.offset, 1, True
-    for n, s in zip(reversed(shape), reversed(stride), strict=True):
-        if type(n) is not int or type(s) is not int or not 0 <= n <= INT64_MAX >= s >= 0:
-            raise FormatError(path, f"tensor size {shape} or stride {stride} is not valid")
-        numel *= n
-        last += (n - 1) * s
-        contiguous = contiguous and (n == 1 or s == step)
-        step *= n
-    nbytes = numel * itemsize
-    if numel and (last + 1) * itemsize > size:
-        raise FormatError(path, f"a tensor of shape {list(shape)} reaches past its storage")
-    if not numel and dtypes.numel(tuple(n or 1 for n in shape)) * itemsize > INT64_MAX:
-        raise FormatError(path, f"tensor size {shape} overflows 64-bit byte sizes")
-    if not contiguous and nbytes > VIEW_SLACK:  # stride-0 (expand) or overlapping views
-        what = f"a tensor of shape {list(shape)} on storage {ref.storage.key!r}"
-        check_expansion(path, what, nbytes, size)
-    start = torchzip.data_offset(path, heads, record)
-    if contiguous:
-        begin = start + ref.offset * itemsize
-        load = partial(mapping.tensor, ref.dtype, shape, begin, nbytes)
-        lazy = LazyTensor(ref.dtype, shape, load, span=Span(path, begin, nbytes))
-    else:
-        load = partial(mapping.tensor, ref.dtype, shape, start, size, view=(stride, ref.offset))
-        lazy = LazyTensor(ref.dtype, shape, load)
-    if 1 in shape:  # strides of size-1 dimensions do not matter (view() resets them)
-        stride = tuple(0 if n == 1 else s for n, s in zip(shape, stride, strict=True))
-    return lazy, (ref.storage.key, size, ref.offset, shape, stride, ref.dtype)
 
 
 @paused_gc()

@@ -6,7 +6,7 @@ the archive runs: ``data.pkl`` is unpickled by :mod:`torchpickle`'s restricted
 unpickler, each ``__torch__`` class becoming a placeholder that only records its
 attributes, and the class source is read as *text* for its ``__parameters__`` and
 ``__buffers__`` declarations.  Tensors are byte references checked by
-``pt_format._lazy``.  What this does not model (a class with its own
+``torchzip.lazy_tensor``.  What this does not model (a class with its own
 ``__getstate__``/``__setstate__``, a class without source, quantized tensors...)
 is refused: only ``trust_code`` hands such a file to ``torch.jit.load``.
 """
@@ -22,11 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .. import pickle_gate, rawio, trust
+from .. import pickle_gate, rawio, torchpickle, torchzip, trust
 from ..checkpoint import MAX_DEPTH, Checkpoint, depth_error, paused_gc
 from ..errors import FormatError, NnconvError, UntrustedCodeError
 from ..objects import Describer, from_object
-from . import pt_format, torchpickle, torchzip
+from . import pt_format
 
 MAX_RECORD = 64 << 20  # a code/ file or data.pkl; torch writes far smaller ones
 
@@ -237,7 +237,7 @@ def _read(path: str) -> Checkpoint:
             if type(ref) is not torchpickle.TensorRef:
                 return None
             record = archive.members.get(data_prefix + ref.storage.key)
-            lazy, key = pt_format._lazy(path, heads, record, ref, mapping)
+            lazy, key = torchzip.lazy_tensor(path, heads, record, ref, mapping)
             return describer.add(name, lazy, key)
 
         describer = Describer(path, tensor_leaf)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .. import dtypes, paths, rawio, sharding
+from ..adapter import Capabilities
 from ..atomic import atomic_files, atomic_output, is_sharded_output
 from ..checkpoint import INT64_MAX, Checkpoint, LazyTensor, Span, from_records, paused_gc
 from ..errors import FormatError, UnsupportedError
@@ -27,7 +28,7 @@ from ..options import DEFAULT_OPTIONS, WriteOptions
 NAME = "safetensors"
 EXTENSIONS = (".safetensors", ".safetensors.index.json")
 DESCRIPTION = "safetensors, single file or Hugging Face sharded folder (--shard-size)"
-CAN_WRITE = True
+CAPABILITIES = Capabilities(writes=True, write_options=frozenset({"shard_size"}))
 FEATURES = "flat tensors; containers, aliases and metadata kept in __metadata__"
 
 MAX_HEADER = 100_000_000  # the reference implementation's limit
@@ -81,7 +82,7 @@ def read_header(
     except UnicodeDecodeError as exc:
         raise FormatError(path, f"header is not UTF-8 (at byte {8 + exc.start})") from None
     except (ValueError, RecursionError) as exc:
-        raise FormatError(path, f"header is not valid JSON: {_json_problem(exc)}") from None
+        raise FormatError(path, f"header is not valid JSON: {sharding.json_problem(exc)}") from None
     if not isinstance(header, dict):
         raise FormatError(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -92,16 +93,6 @@ def read_header(
     start = 8 + length
     _check_entries(path, header, size - start)
     return header, metadata, start
-
-
-def _json_problem(exc: Exception) -> str:
-    """A JSON error without the document's text (json's messages give a position only;
-    anything else is named by its type)."""
-    if isinstance(exc, json.JSONDecodeError):
-        return f"{exc.msg} at character {exc.pos}"
-    if isinstance(exc, RecursionError):
-        return "nested too deeply"
-    return str(exc) if str(exc) == "duplicate key in header" else type(exc).__name__
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
@@ -201,40 +192,6 @@ def _read_file(
     return metadata
 
 
-def _read_index(path: Path, expect: os.stat_result | None = None) -> tuple[Path, dict]:
-    try:
-        with os.fdopen(paths.open_regular(path, expect), "rb") as fh:
-            raw = fh.read(sharding.MAX_INDEX_BYTES + 1)
-    except OSError as exc:
-        raise FormatError(path, f"cannot read: {exc.strerror or exc}") from None
-    if len(raw) > sharding.MAX_INDEX_BYTES:
-        raise FormatError(
-            path, "shard index is larger than the 100 MB limit", limit=sharding.MAX_INDEX_BYTES
-        )
-    try:
-        index = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise FormatError(path, f"shard index is not UTF-8 (at byte {exc.start})") from None
-    except (ValueError, RecursionError) as exc:
-        raise FormatError(path, f"unreadable shard index: {_json_problem(exc)}") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict):
-        raise FormatError(path, "shard index has no weight_map object")
-    bad = next((k for k, v in weight_map.items() if not isinstance(v, str)), None)
-    if bad is not None:
-        raise FormatError(path, f"weight_map entry {bad!r} does not name a shard file")
-    metadata = index.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        raise FormatError(path, "shard index metadata is not an object")
-    return path.parent, index
-
-
-def _member(folder: Path, name: str, subject: Path, what: str) -> tuple[Path, os.stat_result]:
-    """A file the folder's index names (or its index): checked by the one containment rule."""
-    remedy = "a sharded model's files must be regular files in its folder"
-    return paths.contained(folder, name, subject=subject, what=what, remedy=remedy)
-
-
 @paused_gc()
 def read(path: Path, *, trust_code: bool = False) -> Checkpoint:
     path = Path(path)
@@ -250,16 +207,17 @@ def read(path: Path, *, trust_code: bool = False) -> Checkpoint:
                 raise FormatError(path, f"folder {problem}")
             entry = singles[0]
         index_path = path / entry
-        target, checked = _member(path, entry, path, "index" if entry.endswith("json") else "file")
+        what = "index" if entry.endswith("json") else "file"
+        target, checked = sharding.member(path, entry, path, what)
     if index_path.name.endswith(".index.json"):
-        _, index = _read_index(target, checked)
+        _, index = sharding.read_index(target, checked)
         folder = index_path.parent  # the folder the user's path names, symlinks not followed
         records = {k: v for k, v in (index.get("metadata") or {}).items() if isinstance(v, str)}
         by_shard: dict[str, set[str]] = {}
         for name, shard in index["weight_map"].items():
             by_shard.setdefault(shard, set()).add(name)
         for shard, names in by_shard.items():
-            real, st = _member(folder, shard, index_path, "shard")
+            real, st = sharding.member(folder, shard, index_path, "shard")
             _read_file(
                 folder / shard, ckpt, index["weight_map"], shard=shard, target=real, expect=st
             )

@@ -62,16 +62,27 @@ SEEDS: dict[str, tuple[Seed, ...]] = {
             siblings=True,
         ),
     ),
+    "gguf": (  # llama.cpp's layout (quantised types) and nnconv's (structure, records)
+        Seed("gguf", SEED_DIR / "gguf/llama.gguf"),
+        Seed("gguf", SEED_DIR / "gguf/nnconv.gguf"),
+    ),
     "hdf5": (
         Seed("hdf5", FIXTURES / "mlp.h5"),
         Seed("hdf5", SEED_DIR / "hdf5/model.weights.h5"),
         Seed("hdf5", SEED_DIR / "hdf5/keras_legacy.h5"),
         Seed("hdf5", SEED_DIR / "hdf5/record.h5"),  # architecture record
     ),
+    "npz": tuple(
+        Seed("npz", SEED_DIR / "npz" / n) for n in ("nnconv.npz", "numpy.npz", "compressed.npz")
+    ),
     "onnx": (
         Seed("onnx", SEED_DIR / "onnx/mlp.onnx"),
         Seed("onnx", SEED_DIR / "onnx/typed.onnx"),
         Seed("onnx", SEED_DIR / "onnx/external/tiny.onnx", siblings=True),
+    ),
+    "pt2": (  # torch.export.save: tied weights, constants; nnconv's export with its record
+        Seed("pt2", SEED_DIR / "pt2/tied.pt2"),
+        Seed("pt2", SEED_DIR / "pt2/record.pt2"),
     ),
 }
 ALL_SEEDS = tuple(s for seeds in SEEDS.values() for s in seeds)
@@ -124,6 +135,8 @@ def fields(seed: Seed) -> tuple[tuple[int, int], ...]:
             found.update((match.start() + o, w) for o, w in spec if match.start() + o + w <= size)
     if seed.reader == "safetensors" and not seed.path.name.endswith(".json"):
         found.add((0, 8))
+    if seed.reader == "gguf":  # version, tensor count, key/value count
+        found.update(((4, 4), (8, 8), (16, 8)))
     if data.startswith(_HDF5_SIGNATURE):
         version = data[8]
         addresses = range(24, 96, 8) if version < 2 else range(12, 44, 8)

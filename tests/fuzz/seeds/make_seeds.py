@@ -3,7 +3,8 @@
 The fixtures cover pt, single-file safetensors and nnconv's HDF5 layout; the
 readers have more input shapes than that, and mutation only reaches code that
 some seed already gets to: ONNX with inline, typed-field and external data, a
-sharded safetensors index, both Keras HDF5 layouts, and TorchScript archives.
+sharded safetensors index, both Keras HDF5 layouts, TorchScript archives, and
+.npz files (nnconv's, numpy's stored and compressed).
 All are small, so the fuzzer spends its time on structure rather than on tensor
 bytes.  The output is deterministic except for the ONNX exporter's own producer
 fields (and torch.jit.save's serialization id).
@@ -25,6 +26,7 @@ from onnx import TensorProto, helper
 from nnconv.converter import save
 from nnconv.converter.export import export_onnx
 from nnconv.converter.inputs import InputSpec
+from nnconv.formats.objects import from_object
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE.parents[2] / "fixtures"
@@ -129,6 +131,79 @@ def hdf5_seeds() -> None:
         root.create_group("dropout").attrs["weight_names"] = np.array([], dtype="S1")
 
 
+def npz_seeds() -> None:
+    """nnconv's own .npz (bfloat16 and float8 bit patterns, a tie, nesting, metadata, an
+    escaped name in its __nnconv__ record), and numpy's: stored (Fortran order, big-endian,
+    0-d, empty) and compressed (np.savez_compressed: deflated members)."""
+    out = HERE / "npz"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    obj = {
+        "layer": {"weight": w, "bias": torch.tensor([0.5, -1.0], dtype=torch.bfloat16)},
+        "tied": w,
+        "fp8": torch.tensor([1.0, -2.0], dtype=torch.float8_e4m3fn),
+        "state": [torch.tensor(3), 0.9],
+        "../odd": torch.ones(2, dtype=torch.int8),
+    }
+    ckpt = from_object(obj)
+    ckpt.metadata["note"] = "fuzz seed"
+    save(ckpt, out / "nnconv.npz")
+    arrays = {
+        "c": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "f": np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
+        "be": np.arange(3, dtype=">i4"),
+        "b": np.array([True, False]),
+        "s": np.float16(1.5).reshape(()),
+        "e": np.zeros((0, 2), np.uint8),
+    }
+    np.savez(out / "numpy.npz", **arrays)
+    np.savez_compressed(out / "compressed.npz", **arrays)
+
+
+def gguf_seeds() -> None:
+    """GGUF as llama.cpp writes it (gguf's writer: typed key/values, string and float
+    arrays, F32/F16/BF16/I32 tensors, Q8_0 and Q4_0 quantised by gguf, Q4_K and Q6_K blocks
+    of fixed bytes, a 3-d tensor) and as nnconv writes it (structure, a tie, bool and 0-d
+    tensors stored as bytes with the nnconv.gguf.tensors record)."""
+    import gguf
+
+    out = HERE / "gguf"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    kinds = gguf.GGMLQuantizationType
+    writer = gguf.GGUFWriter(out / "llama.gguf", "llama")
+    writer.add_block_count(1)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "a", "é"])
+    writer.add_array("tokenizer.ggml.scores", [0.0, -1.5, 2.0])
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    writer.add_tensor("token_embd.weight", x.astype(np.float16))
+    writer.add_tensor("blk.0.attn_norm.weight", x[0])
+    packed = {"ffn_norm": (x[0], kinds.BF16), "attn_q": (x, kinds.Q8_0), "attn_k": (x, kinds.Q4_0)}
+    for name, (values, kind) in packed.items():
+        data = gguf.quants.quantize(values, kind)
+        writer.add_tensor(f"blk.0.{name}.weight", data, raw_dtype=kind)
+    for name, kind in (("blk.0.ffn_up.weight", kinds.Q4_K), ("blk.0.ffn_down.weight", kinds.Q6_K)):
+        size = gguf.GGML_QUANT_SIZES[kind][1]
+        blocks = rng.integers(0, 256, (2, size), dtype=np.uint8)
+        scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+        blocks[:, :2] = blocks[:, -2:] = scale  # the scale d (Q4_K: first, Q6_K: last)
+        writer.add_tensor(name, blocks, raw_dtype=kind)
+    writer.add_tensor("positions", np.arange(24, dtype=np.int32).reshape(2, 3, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    obj = {"layer": {"weight": w, "mask": torch.tensor([True, False])}, "tied": w, "step": 3}
+    obj["scale"] = torch.tensor(0.5, dtype=torch.bfloat16)
+    ckpt = from_object(obj)
+    ckpt.metadata["note"] = "fuzz seed"
+    save(ckpt, out / "nnconv.gguf")
+
+
 class _Scripted(torch.nn.Module):
     """What the TorchScript reader models: own parameter and buffers, submodules (an
     int64 buffer in BatchNorm), a tied weight and typed attributes (list, dict, device)."""
@@ -160,12 +235,49 @@ def torchscript_seeds() -> None:
     torch.jit.save(torch.jit.trace(mlp, torch.zeros(1, 2)), out / "traced.pt")
 
 
+class _Tied(torch.nn.Module):
+    """What the .pt2 reader models: tied weights, BatchNorm (an int64 0-d buffer), a
+    non-persistent buffer and a lifted tensor constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(3, 3, bias=False)
+        self.b = torch.nn.Linear(3, 3)
+        self.b.weight = self.a.weight
+        self.norm = torch.nn.BatchNorm1d(3)
+        self.register_buffer("table", torch.arange(3.0), persistent=False)
+        self.scale = torch.tensor([2.0, 3.0, 4.0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.b(self.a(x))) * self.scale + self.table
+
+
+def pt2_seeds() -> None:
+    """torch.export.save of a module with ties and constants, and nnconv's own export of
+    built-in layers (its architecture record in extra/, rebuilt untrusted by the harness)."""
+    from nnconv.converter.export_pt2 import export_pt2
+    from nnconv.converter.record import ARCHITECTURE_KEY, build, dumps
+
+    torch.manual_seed(0)
+    out = HERE / "pt2"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    program = torch.export.export(_Tied().eval(), (torch.randn(2, 3),))
+    torch.export.save(program, out / "tied.pt2")
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    x = [InputSpec("input", (2, 4))]
+    export_pt2(net, out / "record.pt2", inputs=x, metadata={ARCHITECTURE_KEY: dumps(build(net, x))})
+
+
 if __name__ == "__main__":
+    pt2_seeds()
     torchscript_seeds()
     onnx_seeds()
     safetensors_seeds()
     hdf5_seeds()
     record_seeds()
+    npz_seeds()
+    gguf_seeds()
     for path in sorted(HERE.rglob("*")):
         if path.is_file() and path.suffix != ".py":
             print(f"{path.stat().st_size:>8}  {path.relative_to(HERE)}")

@@ -22,9 +22,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from .. import dtypes
-from ..checkpoint import SCALARS
-from ..errors import FormatError
+from . import dtypes
+from .checkpoint import SCALARS
+from .errors import FormatError
 
 
 class NotPlain(Exception):

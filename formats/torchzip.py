@@ -12,18 +12,21 @@ output is checked against ``torch.load`` and ``zipfile`` by the tests.
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import random
 import struct
 import zipfile
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from ..checkpoint import LazyTensor
-from ..errors import FormatError
-from ..rawio import Placer, preallocate
+from . import dtypes, torchpickle
+from .checkpoint import INT64_MAX, VIEW_SLACK, LazyTensor, Span, check_expansion
+from .errors import FormatError
+from .rawio import Placer, preallocate
 
 ALIGNMENT = 64  # torch's record alignment (so that records can be memory-mapped)
 ZIP64_LIMIT = 0xFFFFFFFF  # sizes and offsets at or above this need zip64 fields
@@ -343,3 +346,49 @@ def write(path: Path, pickle: bytes, storages: list[tuple[LazyTensor, str]], rea
             placer.put(end, _central(entries, end))
     finally:
         os.close(fd)
+
+
+def lazy_tensor(
+    path: str, heads: mmap.mmap, record: Record | None, ref: Any, mapping: Any
+) -> tuple[LazyTensor, tuple]:
+    """A tensor reference as a lazy tensor, checked against its storage record: a span
+    when its bytes are contiguous.  (Called once per tensor: kept lean.)"""
+    if record is None:
+        raise FormatError(path, f"storage {ref.storage.key!r} has no data record")
+    if not record.stored:
+        raise torchpickle.NotPlain("compressed storage record")
+    itemsize = (dtypes.DTYPES.get(ref.dtype) or dtypes.get(ref.dtype, subject=path)).itemsize
+    size = ref.storage.numel * (itemsize if ref.storage.dtype else 1)
+    if size != record.size:
+        raise FormatError(
+            path,
+            f"storage {ref.storage.key!r} declares {size} bytes, its record holds {record.size}",
+        )
+    shape, stride = ref.shape, ref.stride
+    numel, last, step, contiguous = 1, ref.offset, 1, True
+    for n, s in zip(reversed(shape), reversed(stride), strict=True):
+        if type(n) is not int or type(s) is not int or not 0 <= n <= INT64_MAX >= s >= 0:
+            raise FormatError(path, f"tensor size {shape} or stride {stride} is not valid")
+        numel *= n
+        last += (n - 1) * s
+        contiguous = contiguous and (n == 1 or s == step)
+        step *= n
+    nbytes = numel * itemsize
+    if numel and (last + 1) * itemsize > size:
+        raise FormatError(path, f"a tensor of shape {list(shape)} reaches past its storage")
+    if not numel and dtypes.numel(tuple(n or 1 for n in shape)) * itemsize > INT64_MAX:
+        raise FormatError(path, f"tensor size {shape} overflows 64-bit byte sizes")
+    if not contiguous and nbytes > VIEW_SLACK:  # stride-0 (expand) or overlapping views
+        what = f"a tensor of shape {list(shape)} on storage {ref.storage.key!r}"
+        check_expansion(path, what, nbytes, size)
+    start = data_offset(path, heads, record)
+    if contiguous:
+        begin = start + ref.offset * itemsize
+        load = partial(mapping.tensor, ref.dtype, shape, begin, nbytes)
+        lazy = LazyTensor(ref.dtype, shape, load, span=Span(path, begin, nbytes))
+    else:
+        load = partial(mapping.tensor, ref.dtype, shape, start, size, view=(stride, ref.offset))
+        lazy = LazyTensor(ref.dtype, shape, load)
+    if 1 in shape:  # strides of size-1 dimensions do not matter (view() resets them)
+        stride = tuple(0 if n == 1 else s for n, s in zip(shape, stride, strict=True))
+    return lazy, (ref.storage.key, size, ref.offset, shape, stride, ref.dtype)

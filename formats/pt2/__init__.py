@@ -1,0 +1,1 @@
+"""The pt2 format (``torch.export.save``): its adapter and the module only it uses."""
