@@ -22,7 +22,6 @@ from nnconv.formats.checkpoint import Checkpoint, tensor_bytes
 from nnconv.formats.keys import MAPPING_KEY
 from nnconv.formats.registry import holds_graph
 
-from . import hf
 from .onnx_import import COUNTERS
 
 if TYPE_CHECKING:
@@ -185,12 +184,13 @@ def sharing(ref: Checkpoint, cand: Checkpoint, pairs: list[Pair]) -> list[str]:
     return out
 
 
-def with_config_ties(ckpt: Checkpoint) -> Checkpoint:
-    """``ckpt`` with the ties its HF folder's config declares as aliases: the names
-    ``save_pretrained`` drops (``lm_head.weight``, ``cls.predictions.decoder.*``, T5's
-    embeddings) point at the group's stored tensor.  Unchanged for anything else."""
+def with_config_ties(ckpt: Checkpoint, ties: list[tuple[str, ...]]) -> Checkpoint:
+    """``ckpt`` with the ties an HF config declares (:func:`hf.config_ties`) as aliases:
+    the names ``save_pretrained`` drops (``lm_head.weight``, ``cls.predictions.decoder.*``,
+    T5's embeddings) point at the group's stored tensor.  A name stored as a tensor of
+    its own stays one (and ``sharing`` says it is not tied)."""
     aliases = dict(ckpt.aliases)
-    for group in hf.config_ties(ckpt.source):
+    for group in ties:
         stored = next((aliases.get(n, n) for n in group if n in ckpt.tensors or n in aliases), None)
         for name in group:
             if stored is not None and name not in ckpt.tensors and name not in aliases:

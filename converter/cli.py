@@ -15,20 +15,17 @@ from pathlib import Path
 
 import click
 
-from nnconv.formats import dtypes, registry, sharding
+from nnconv.formats import dtypes, registry
 from nnconv.formats.errors import NnconvError
 
 from . import past
+from .cli_options import INPUTS, MODEL, SIZE, TOLERANCES, TRUST
 from .export import EXPORTERS
 from .inspect import human_bytes
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 FORMAT_NAMES = click.Choice(list(registry.ADAPTERS))
 TRUSTED = "--trust-code: the source was allowed to run code"
-TRUST_HELP = (
-    "Trust the file: allow its pickles, TorchScript and recorded classes to run code "
-    "(--trust-pickle is an alias)."
-)
 
 
 def _fail(message: str) -> None:
@@ -66,13 +63,6 @@ class _Group(click.Group):
         sys.exit(result if isinstance(result, int) else EXIT_OK)
 
 
-def _size(ctx, param, value):
-    try:
-        return None if value is None else sharding.parse_size(value)
-    except NnconvError as exc:
-        raise click.BadParameter(exc.cli_message()) from None
-
-
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nnconv")
 def cli() -> None:
@@ -80,36 +70,19 @@ def cli() -> None:
     verify that files hold the same model."""
 
 
-def _tolerance_options(command):
-    """``--atol``/``--rtol``, the same on ``verify`` and ``convert --verify``."""
-    for flag, kind, x in (("--rtol", "Relative", "Y"), ("--atol", "Absolute", "X")):
-        text = f"{kind} tolerance {x} or NAME:{x} (repeatable; instead of the noise rule)."
-        command = click.option(flag, multiple=True, help=text)(command)
-    return command
-
-
 @cli.command()
 @click.argument("src", type=click.Path(dir_okay=True, path_type=str))
 @click.argument("dst", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--from", "src_format", type=FORMAT_NAMES, help="Source format (else detected).")
 @click.option("--to", "dst_format", type=FORMAT_NAMES, help="Destination format (else from DST).")
-@click.option("--shard-size", callback=_size, help="Shard safetensors output, e.g. 5GB, 500MiB.")
+@click.option("--shard-size", type=SIZE, help="Shard safetensors output, e.g. 5GB, 500MiB.")
 @click.option("--dtype", type=click.Choice(dtypes.CAST_TARGETS), help="Cast floating tensors.")
 @click.option("--compression", type=click.Choice(["gzip", "lzf"]), help="HDF5 compression.")
 @click.option("--force", is_flag=True, help="Replace an existing destination.")
 @click.option("--fsync", is_flag=True, help="Flush DST to disk before renaming it into place.")
-@click.option("--trust-code", "--trust-pickle", "trust_code", is_flag=True, help=TRUST_HELP)
-@click.option("--model", "model", help="Model class: path/file.py:Class or package.module:Class.")
-@click.option("--model-args", help="JSON keyword arguments for the model class.")
-@click.option("--key", help="Where the state_dict sits in a training checkpoint, e.g. model.")
-@click.option("--input-shape", "input_shapes", multiple=True, help="Example input, e.g. 2,20.")
-@click.option("--input-dtype", help="dtype of the example inputs (default float32).")
-@click.option(
-    "--input",
-    "named_inputs",
-    multiple=True,
-    help="Named input NAME=SHAPE[:DTYPE], passed by keyword (repeatable).",
-)
+@TRUST
+@MODEL
+@INPUTS
 @click.option("--opset", type=int, help="ONNX opset version (default: the exporter's).")
 @click.option("--static-batch", is_flag=True, help="ONNX: fix the batch dimension.")
 @click.option(
@@ -124,7 +97,7 @@ def _tolerance_options(command):
 @click.option(
     "--verify", "then_verify", is_flag=True, help="Verify DST against SRC (exit 1 if they differ)."
 )
-@_tolerance_options
+@TOLERANCES
 @past.option
 def convert(
     src,
@@ -254,22 +227,13 @@ def _summary(result) -> str:
 @cli.command()
 @click.argument("reference", type=click.Path(dir_okay=True, path_type=str))
 @click.argument("candidates", nargs=-1, type=click.Path(dir_okay=True, path_type=str))
-@click.option("--model", help="Model class: path/file.py:Class or package.module:Class.")
-@click.option("--model-args", help="JSON keyword arguments for the model class.")
-@click.option("--key", help="Where the state_dict sits in a training checkpoint.")
-@click.option("--input-shape", "input_shapes", multiple=True, help="Example input, e.g. 2,20.")
-@click.option("--input-dtype", help="dtype of the random inputs (default float32).")
-@click.option(
-    "--input",
-    "named_inputs",
-    multiple=True,
-    help="Named input NAME=SHAPE[:DTYPE], passed by keyword (repeatable).",
-)
+@MODEL
+@INPUTS
 @click.option("--inputs", "inputs_file", help="Inputs file: .npz, .pt or .safetensors.")
 @click.option(
     "--device", type=click.Choice(["cpu", "cuda", "all"]), default="cpu", show_default=True
 )
-@_tolerance_options
+@TOLERANCES
 @click.option("--params-only", is_flag=True, help="Compare parameters only.")
 @click.option("--outputs-only", is_flag=True, help="Compare forward outputs only.")
 @click.option("--strict", is_flag=True, help="Fail outputs that prove nothing (all zero, tiny).")
@@ -278,7 +242,7 @@ def _summary(result) -> str:
 @click.option("--save-golden", help="Store the inputs and reference outputs (.safetensors).")
 @click.option("--golden", help="Replay a golden file's inputs and compare its outputs.")
 @click.option("--force", is_flag=True, help="Replace an existing --save-golden file.")
-@click.option("--trust-code", "--trust-pickle", "trust_code", is_flag=True, help=TRUST_HELP)
+@TRUST
 def verify(
     reference,
     candidates,
@@ -359,7 +323,7 @@ def _progress_lines():
 @click.argument("file", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--from", "src_format", type=FORMAT_NAMES, help="Format (else detected).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-@click.option("--trust-code", "--trust-pickle", "trust_code", is_flag=True, help=TRUST_HELP)
+@TRUST
 def inspect(file, src_format, as_json, trust_code):
     """Show FILE's format, metadata, tensors and module tree."""
     from .inspect import inspect as run_inspect

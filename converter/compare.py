@@ -22,6 +22,7 @@ from nnconv.formats.keys import CAST_KEY, OPTIMIZED_KEY
 from nnconv.formats.rawio import SpanReader
 from nnconv.formats.registry import holds_graph
 
+from . import hf
 from .alignment import NOT_A_PARAMETER, Pair, align, sharing, with_config_ties
 from .report import OutputCheck, TensorCheck
 from .tolerances import DEFAULTS, Tolerances, parse_tolerances  # noqa: F401  (re-exported)
@@ -231,8 +232,11 @@ def compare_parameters(
     ref: Checkpoint, cand: Checkpoint, *, tolerances: Tolerances, progress: Progress | None = None
 ) -> tuple[list[TensorCheck], list[str]]:
     """One TensorCheck per aligned pair, and the differences in tied-weight sharing.
-    Ties the model's config declares (HF folders) count as aliases of either side."""
-    ref, cand = with_config_ties(ref), with_config_ties(cand)
+    Ties a model's config declares (HF folders) count as aliases of both sides: the two
+    are compared as one model, so a file converted out of a folder, which carries no
+    config, drops the same names (``lm_head.weight``) for the same reason."""
+    ties = [*hf.config_ties(ref.source), *hf.config_ties(cand.source)]
+    ref, cand = with_config_ties(ref, ties), with_config_ties(cand, ties)
     pairs = [
         (p, ref.lazy(p.ref).nbytes + cand.lazy(p.cand).nbytes if p.ref and p.cand else 0)
         for p in align(ref, cand)

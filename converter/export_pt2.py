@@ -23,19 +23,17 @@ import contextlib
 import copy
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nnconv.formats import trust
 from nnconv.formats.atomic import atomic_output, check_destination
-from nnconv.formats.errors import NnconvError, UnsupportedError, UsageError
+from nnconv.formats.errors import UnsupportedError, UsageError
 from nnconv.formats.keys import ARCHITECTURE_KEY
 from nnconv.formats.source import Source, open_source
 
-from .export import EXTERNAL_DATA_THRESHOLD, Call, ExportResult, _cause, quiet
-from .golden import flatten
+from .export import Call, ExportResult, _cause, quiet
 from .inputs import InputSpec, example_tensors
 
 if TYPE_CHECKING:
@@ -49,27 +47,24 @@ def export_pt2(
     dst: str | os.PathLike[str],
     *,
     inputs: list[InputSpec],
-    opset: int | None = None,
     dynamic_batch: bool = True,
-    exporter: str = "auto",
-    optimize: bool = False,
-    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     force: bool = False,
     fsync: bool = False,
     metadata: dict[str, str] | None = None,
     keywords: bool = False,
     examples: tuple | None = None,
-    output_names: list[str] | None = None,
+    **onnx_only: Any,
 ) -> ExportResult:
-    """Export ``module`` (in eval mode) to ``dst`` with ``torch.export``; the ONNX-only
-    keywords (``opset``, ``exporter`` other than auto/dynamo, ``optimize``) are refused,
-    ``external_data_threshold`` and ``output_names`` do not apply (a ``.pt2`` is one file;
-    its outputs keep the module's structure)."""
+    """Export ``module`` (in eval mode) to ``dst`` with ``torch.export``.  It takes what
+    ``export_onnx`` takes (convert calls either): of the ONNX-only keywords, ``opset``,
+    ``optimize`` and an ``exporter`` other than auto/dynamo are refused; the rest (external
+    data, output names, dynamic axes) do not apply to one file that keeps the module's
+    output structure."""
     import torch
 
     dst = Path(dst)
-    given = {"--opset": opset is not None, "--optimize": optimize}
-    given["--exporter torchscript"] = exporter not in ("auto", "dynamo")
+    given = {"--opset": onnx_only.get("opset") is not None, "--optimize": onnx_only.get("optimize")}
+    given["--exporter torchscript"] = onnx_only.get("exporter", "auto") not in ("auto", "dynamo")
     wrong = [flag for flag, on in given.items() if on]
     if wrong:
         raise UsageError(dst, f"{wrong[0]} applies to ONNX export, not to .pt2")
@@ -78,7 +73,7 @@ def export_pt2(
     check_destination(dst, force=force)
     example = examples if examples is not None else example_tensors(inputs, seed=0)
     module.eval()
-    call = Call(inputs, example, keywords, output_names)
+    call = Call(inputs, example, keywords, None)
     shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")
@@ -152,27 +147,9 @@ class Pt2Runner:
         return self.loaded[device]
 
     def run(self, inputs: Any, *, device: str = "cpu") -> dict[str, torch.Tensor]:
-        import torch
+        from .runner import call_module
 
-        from .runner import _full_precision
-
-        module = self.program_module(device)
-        if isinstance(inputs, Mapping):  # --input NAME=...: by keyword
-            args, kwargs = [], {k: v.to(device) for k, v in inputs.items()}
-        else:
-            args, kwargs = [t.to(device) for t in inputs], {}
-        try:
-            with torch.no_grad(), _full_precision(device):
-                result = module(*args, **kwargs)
-        except NnconvError:
-            raise
-        except Exception as exc:
-            raise UsageError(
-                self.path,
-                f"the forward pass ({self.label}, {device}) failed: {_cause(exc)}",
-                remedy="check --input-shape and --input-dtype",
-            ) from None
-        return {k: v.detach().cpu() for k, v in flatten(result).items()}
+        return call_module(self.program_module(device), inputs, device, self.path, self.label)
 
 
 def pt2_runner(source: Any, *, trust_code: bool = False) -> Pt2Runner:

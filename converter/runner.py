@@ -89,26 +89,7 @@ class TorchRunner:
         return specs or None
 
     def run(self, inputs: Feed, *, device: str = "cpu") -> dict[str, torch.Tensor]:
-        if isinstance(inputs, Mapping):  # --input NAME=...: by keyword
-            return self._call(device, [], dict(inputs))
-        return self._call(device, list(inputs), {})
-
-    def _call(self, device: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The module on ``device`` in eval mode, called without autograd at full precision;
-        its outputs as named CPU leaves, a failure as one UsageError naming the file."""
-        import torch
-
-        module = self.module.to(device).eval()
-        args = [t.to(device) for t in args]
-        kwargs = {k: v.to(device) for k, v in kwargs.items()}
-        try:
-            with torch.no_grad(), _full_precision(device):
-                result = module(*args, **kwargs)
-        except NnconvError:
-            raise
-        except Exception as exc:
-            raise _run_failed(self.path, self.label, device, exc) from None
-        return {k: v.detach().cpu() for k, v in flatten(result).items()}
+        return call_module(self.module.to(device).eval(), inputs, device, self.path, self.label)
 
 
 @dataclass
@@ -120,7 +101,7 @@ class HFRunner(TorchRunner):
 
     def run(self, inputs: Feed, *, device: str = "cpu") -> dict[str, torch.Tensor]:
         names = [s.name for s in self.input_specs() or []]
-        return self._call(device, [], hf.keyword_inputs(names, inputs))
+        return super().run(hf.keyword_inputs(names, inputs), device=device)
 
 
 @dataclass
@@ -210,6 +191,27 @@ def _to_numpy(t: torch.Tensor, path: str, name: str):
 
 def _no_input(path: str, name: str):
     raise UsageError(path, f"no input named {name!r} for the ONNX graph")
+
+
+def call_module(
+    module: Any, inputs: Feed, device: str, path: str | None, label: str
+) -> dict[str, torch.Tensor]:
+    """``module`` (already on ``device``) called on ``inputs`` (by keyword when named)
+    without autograd at full precision; its outputs as named CPU leaves, a failure as one
+    UsageError naming the file."""
+    import torch
+
+    named = isinstance(inputs, Mapping)  # --input NAME=...: by keyword
+    args = [] if named else [t.to(device) for t in inputs]
+    kwargs = {k: v.to(device) for k, v in inputs.items()} if named else {}
+    try:
+        with torch.no_grad(), _full_precision(device):
+            result = module(*args, **kwargs)
+    except NnconvError:
+        raise
+    except Exception as exc:
+        raise _run_failed(path, label, device, exc) from None
+    return {k: v.detach().cpu() for k, v in flatten(result).items()}
 
 
 def _run_failed(path: str | None, label: str, device: str, exc: BaseException) -> UsageError:

@@ -50,6 +50,9 @@ class Capabilities:
     holds: tuple[Kind, ...] = ("weights",)  # what a file of it can be; the first is the default
     runtime: str | None = None  # what runs its files ("onnxruntime", "torch.export")
     exported: bool = False  # written by exporting a module (a graph), not by ``write``
+    dtypes: frozenset[str] | None = None  # the dtypes it stores; None: all of dtypes.DTYPES
+    metadata: bool = True  # keeps free-form metadata (so a cast is recorded in the file)
+    reserved_names: frozenset[str] = frozenset()  # tensor names it keeps for itself
 
     def __post_init__(self) -> None:
         unknown = set(self.holds) - set(KINDS)

@@ -249,42 +249,47 @@ def member_bytes(path: str, heads, record: Record, *, limit: int) -> bytes:
 
 
 @dataclass
-class _Entry:
+class Entry:
+    """A member nnconv writes: stored, its bytes placed at ``data`` after a padded header."""
+
     name: bytes
     header: int  # offset of the local header
     data: int  # offset of the data
     size: int
     crc: int = 0
+    flags: int = 0  # 0x800: the name is UTF-8 (npz); torch writes ASCII names
 
 
 def _extra64(*values: int) -> bytes:
     return struct.pack(f"<HH{len(values)}Q", 1, 8 * len(values), *values) if values else b""
 
 
-def _layout(names: list[str], sizes: list[int]) -> tuple[list[_Entry], int]:
+def _layout(names: list[str], sizes: list[int]) -> tuple[list[Entry], int]:
     """Place every record: local header, zip64 sizes where needed, padding to 64 bytes."""
     entries, pos = [], 0
     for name, size in zip(names, sizes, strict=True):
         raw = name.encode()
         fixed = LOCAL.size + len(raw) + (20 if size >= ZIP64_LIMIT else 0)
         pad = -(pos + fixed + 4) % ALIGNMENT + 4  # a padding field is at least its 4-byte head
-        entries.append(_Entry(raw, pos, pos + fixed + pad, size))
+        entries.append(Entry(raw, pos, pos + fixed + pad, size))
         pos = pos + fixed + pad + size
     return entries, pos
 
 
-def _local_header(entry: _Entry) -> bytes:
+def local_header(entry: Entry, *, pad_id: int = PAD_ID, fill: bytes = b"Z") -> bytes:
+    """A stored member's local header, padded with an extra field (``pad_id``) so that its
+    bytes start at ``entry.data``."""
     big = entry.size >= ZIP64_LIMIT
     extra = _extra64(entry.size, entry.size) if big else b""
     pad = entry.data - entry.header - LOCAL.size - len(entry.name) - len(extra)
-    extra += struct.pack("<HH", PAD_ID, pad - 4) + b"Z" * (pad - 4)
+    extra += struct.pack("<HH", pad_id, pad - 4) + fill * (pad - 4)
     size32 = MASK32 if big else entry.size
     version = 45 if big else 20
-    fields = (0x04034B50, version, 0, 0, 0, DOS_DATE, entry.crc, size32, size32)
+    fields = (0x04034B50, version, entry.flags, 0, 0, DOS_DATE, entry.crc, size32, size32)
     return LOCAL.pack(*fields, len(entry.name), len(extra)) + entry.name + extra
 
 
-def _central(entries: list[_Entry], start: int) -> bytes:
+def central_directory(entries: list[Entry], start: int) -> bytes:
     """The central directory and end records, zip64 where sizes or counts need it."""
     out = bytearray()
     for e in entries:
@@ -295,7 +300,7 @@ def _central(entries: list[_Entry], start: int) -> bytes:
         size32 = MASK32 if big_size else e.size
         version = 45 if extra else 20
         out += CENTRAL.pack(
-            0x02014B50, version, version, 0, 0, 0, DOS_DATE, e.crc, size32, size32,
+            0x02014B50, version, version, e.flags, 0, 0, DOS_DATE, e.crc, size32, size32,
             len(e.name), len(extra), 0, 0, 0, 0, MASK32 if big_offset else e.header,
         )  # fmt: skip
         out += e.name + extra
@@ -332,7 +337,7 @@ def write(path: Path, pickle: bytes, storages: list[tuple[LazyTensor, str]], rea
         preallocate(fd, end)  # the central directory after it is small
         with Placer(reader, fd) as placer:
             for entry, content in zip(entries, contents, strict=True):
-                placer.put(entry.header, _local_header(entry))  # its CRC comes after the data
+                placer.put(entry.header, local_header(entry))  # its CRC comes after the data
                 if isinstance(content, bytes):
                     entry.crc = zlib.crc32(content)
                     placer.put(entry.data, content)
@@ -342,8 +347,8 @@ def write(path: Path, pickle: bytes, storages: list[tuple[LazyTensor, str]], rea
                     done += lazy.nbytes
                     if progress:
                         progress(done)
-                placer.put(entry.header, _local_header(entry))
-            placer.put(end, _central(entries, end))
+                placer.put(entry.header, local_header(entry))
+            placer.put(end, central_directory(entries, end))
     finally:
         os.close(fd)
 

@@ -6,7 +6,10 @@ anything whose behaviour the file chooses:
 - unpickling a global outside nnconv's allowlists (:mod:`.pickle_gate`);
 - TorchScript: ``torch.jit.load`` compiles and runs the archive's own code
   (``__setstate__``, methods), so its weights are read by nnconv's restricted
-  reader (:mod:`.torchscript`) and running it needs trust;
+  reader (``formats/pt/torchscript.py``) and running it needs trust;
+- a ``torch.export`` ``.pt2`` program: ``torch.export.load`` evaluates the file's shape
+  expressions (``sympy.sympify``) and guard code and unpickles its sample inputs, so
+  its weights are read as data (``formats/pt2/``) and running it needs trust;
 - importing a class an architecture record names, or calling any constructor
   other than the torch.nn built-ins of :data:`NN_BUILTINS`;
 - custom code a model folder ships (Hugging Face ``auto_map``), when it is read.

@@ -46,7 +46,7 @@ from nnconv.formats.registry import ADAPTERS
 FORMATS = [name for name, adapter in ADAPTERS.items() if adapter.CAPABILITIES.writes]
 PAIRS = [(src, dst) for src in FORMATS for dst in FORMATS]
 EXT = {name: adapter.EXTENSIONS[0] for name, adapter in ADAPTERS.items()}
-NO_METADATA = {"pt"}  # formats that keep no free-form metadata (so no nnconv.cast record)
+NO_METADATA = {n for n, a in ADAPTERS.items() if not a.CAPABILITIES.metadata}  # no cast record
 
 # Every dtype in nnconv's table that this torch has: floats incl. all float8 kinds,
 # complex, signed/unsigned ints and bool. A dtype added to the table is covered too.
@@ -63,25 +63,25 @@ SETTINGS = settings(
 
 
 def holds(fmt: str, dtype: str) -> bool:
-    """Whether format ``fmt`` can store tensors of ``dtype``."""
-    if fmt == "safetensors":
-        return DTYPES[dtype].safetensors is not None
-    return True
+    """Whether format ``fmt`` can store tensors of ``dtype`` (its declared capabilities)."""
+    stored = ADAPTERS[fmt].CAPABILITIES.dtypes
+    return stored is None or dtype in stored
 
 
-# safetensors keeps its metadata under this header key, so no tensor may have the name.
-RESERVED_NAME = "__metadata__"
+# Names some format keeps for itself (safetensors' __metadata__): drawn among the names.
+RESERVED = sorted(set().union(*(a.CAPABILITIES.reserved_names for a in ADAPTERS.values())))
 
 
 def refuses(fmt: str, obj: Any) -> bool:
     """Whether writing ``obj`` as ``fmt`` must raise ``UnsupportedError`` for a tensor's name.
 
-    safetensors refuses a stored tensor whose nnconv name (its dotted path) is
-    ``__metadata__``: ``{"__metadata__": t}``, but also ``{"": {"__metadata__": t}}``, as an
-    empty key adds nothing to the path.  A tied twin of that name is an alias, which
-    safetensors keeps in its metadata instead, so ``from_object`` decides.
+    A format refuses a stored tensor whose nnconv name (its dotted path) it reserves
+    (safetensors: ``__metadata__``): ``{"__metadata__": t}``, but also
+    ``{"": {"__metadata__": t}}``, as an empty key adds nothing to the path.  A tied twin
+    of that name is an alias, which is kept in the metadata instead, so ``from_object``
+    decides.
     """
-    return fmt == "safetensors" and RESERVED_NAME in from_object(obj).tensors
+    return bool(ADAPTERS[fmt].CAPABILITIES.reserved_names & set(from_object(obj).tensors))
 
 
 # --- writing, converting, reading ------------------------------------------------
@@ -138,7 +138,7 @@ def _check_round_trip(obj: Any, src: str, dst: str) -> Any:
     """The round trip's result, asserted the same as ``obj``; None when it must be refused
     (a tensor named ``__metadata__`` with safetensors on either side), which is asserted."""
     if refuses(src, obj) or refuses(dst, obj):
-        _assert_refused(obj, src, dst, at_write=refuses(src, obj), named={RESERVED_NAME})
+        _assert_refused(obj, src, dst, at_write=refuses(src, obj), named=set(RESERVED))
         return None
     out = _round_trip(obj, src, dst)
     assert_same(obj, out)
@@ -344,7 +344,7 @@ def test_tied_weights_keep_sharing_storage(src, dst, data):
 TRICKY_KEYS = st.one_of(
     st.text(alphabet="a./_#0 \x00", max_size=5),  # "", "a..b", ".a", "a.", "a/b", "a#2", NUL...
     st.sampled_from(
-        ["_nnconv", "_nnconv.0", "tensor", "nnconv.paths", "nnconv.structure", RESERVED_NAME]
+        ["_nnconv", "_nnconv.0", "tensor", "nnconv.paths", "nnconv.structure", *RESERVED]
     ),
     st.integers(0, 3),
 )
@@ -389,7 +389,7 @@ FIXED_CASES: dict[str, tuple[Any, list[tuple[list, list]]]] = {
     "nul": ({"a\x00b": _t(1), "a": _t(2)}, []),
     # safetensors_format let this tensor overwrite the header's __metadata__; now refused
     # (UnsupportedError, no file) when safetensors is either side, kept by the others.
-    "__metadata__": ({RESERVED_NAME: _t(1)}, []),
+    "__metadata__": ({"__metadata__": _t(1)}, []),
     # checkpoint.from_records read a stored structure of JSON null as absent: None came
     # back as {}.
     "top-level-none": (None, []),

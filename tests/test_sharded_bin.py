@@ -83,6 +83,13 @@ def test_a_sharded_bin_folder_converts_verifies_and_inspects(gpt2, tmp_path, cap
     assert len(cand["parameters"]) == len(state) and not cand["tied"]
     assert all(c["passed"] for c in cand["parameters"]) and cand["outputs_checked"]
 
+    # and against the bare conversion: the folder's config ties hold for both sides (the
+    # output dropped lm_head.weight as save_pretrained did), parameters only
+    run = cli(capfd, "verify", folder, out, "--params-only", "--json", tmp_path / "r2.json")
+    assert run.rc == 0, run.out + run.err
+    (cand,) = json.loads((tmp_path / "r2.json").read_text())["candidates"]
+    assert not cand["tied"] and all(c["passed"] for c in cand["parameters"])
+
     run = cli(capfd, "verify", folder)  # transformers loads the shards (gated) and runs
     assert run.rc == 0 and "runs with torch (hf)" in run.out, run.out + run.err
 

@@ -9,16 +9,16 @@ import contextlib
 import os
 import struct
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import dtypes, rawio
 from ..checkpoint import LazyTensor
+from ..torchzip import LOCAL, ZIP64_LIMIT, Entry, central_directory, local_header
 from .npzio import ALIGNMENT, MAGIC
-from .npzzip import CENTRAL, END, END64, LOCAL, LOCATOR64, MASK16, MASK32, UTF8_FLAG, ZIP64_LIMIT
+from .npzzip import UTF8_FLAG
 
-DOS_DATE, PAD_ID = 0x21, 0x4E4E  # PAD_ID: "NN", nnconv's padding extra field
+PAD_ID = 0x4E4E  # "NN": nnconv's padding extra field
 
 
 def descr(spec: dtypes.DType) -> str:
@@ -68,56 +68,13 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     return crc1 ^ crc2
 
 
-@dataclass
-class _Entry:
-    name: bytes
-    flags: int
-    header: int  # offset of the local header
-    data: int  # offset of the member's bytes (its .npy header)
-    size: int
-    crc: int = 0
-
-
 def _encode(name: str) -> tuple[bytes, int]:
     """A member name's bytes and flags, as zipfile writes them (UTF-8 flagged when not ASCII)."""
     return (name.encode(), 0) if name.isascii() else (name.encode(), UTF8_FLAG)
 
 
-def _local(e: _Entry) -> bytes:
-    big = e.size >= ZIP64_LIMIT
-    extra = struct.pack("<HHQQ", 1, 16, e.size, e.size) if big else b""
-    pad = e.data - e.header - LOCAL.size - len(e.name) - len(extra)
-    extra += struct.pack("<HH", PAD_ID, pad - 4) + b"\0" * (pad - 4)
-    size32 = MASK32 if big else e.size
-    fields = (0x04034B50, 45 if big else 20, e.flags, 0, 0, DOS_DATE, e.crc, size32, size32)
-    return LOCAL.pack(*fields, len(e.name), len(extra)) + e.name + extra
-
-
-def _central(entries: list[_Entry], start: int) -> bytes:
-    """The central directory and end records, zip64 where sizes, offsets or counts need it."""
-    out = bytearray()
-    for e in entries:
-        big_size, big_offset = e.size >= ZIP64_LIMIT, e.header >= ZIP64_LIMIT
-        values = ([e.size, e.size] if big_size else []) + ([e.header] if big_offset else [])
-        extra = struct.pack(f"<HH{len(values)}Q", 1, 8 * len(values), *values) if values else b""
-        size32 = MASK32 if big_size else e.size
-        version = 45 if extra else 20
-        out += CENTRAL.pack(
-            0x02014B50, version, version, e.flags, 0, 0, DOS_DATE, e.crc, size32, size32,
-            len(e.name), len(extra), 0, 0, 0, 0, MASK32 if big_offset else e.header,
-        )  # fmt: skip
-        out += e.name + extra
-    size, count = len(out), len(entries)
-    big = count >= MASK16 or size >= ZIP64_LIMIT or start >= ZIP64_LIMIT
-    if big:
-        end64 = start + size
-        out += END64.pack(0x06064B50, END64.size - 12, 45, 45, 0, 0, count, count, size, start)
-        out += LOCATOR64.pack(0x07064B50, 0, end64, 1)
-    count16 = MASK16 if big else count
-    out += END.pack(
-        0x06054B50, 0, 0, count16, count16, MASK32 if big else size, MASK32 if big else start, 0
-    )
-    return bytes(out)
+def _local(e: Entry) -> bytes:
+    return local_header(e, pad_id=PAD_ID, fill=b"\0")
 
 
 def write_zip(
@@ -135,7 +92,7 @@ def write_zip(
         size = len(head) + (len(body) if isinstance(body, bytes) else body.nbytes)
         fixed = LOCAL.size + len(raw) + (20 if size >= ZIP64_LIMIT else 0)
         pad = -(pos + fixed + 4 + len(head)) % ALIGNMENT + 4  # values 64-byte aligned
-        entries.append(_Entry(raw, flags, pos, pos + fixed + pad, size))
+        entries.append(Entry(raw, pos, pos + fixed + pad, size, flags=flags))
         pos += fixed + pad + size
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     done = 0
@@ -164,6 +121,6 @@ def write_zip(
                     if progress:
                         progress(done)
                 placer.put(entry.header, _local(entry))
-            placer.put(pos, _central(entries, pos))
+            placer.put(pos, central_directory(entries, pos))
     finally:
         os.close(fd)

@@ -18,23 +18,23 @@ from typing import Any, NamedTuple
 
 from .. import paths
 from ..errors import FormatError
+from ..torchzip import (  # the zip records' layouts: one definition
+    CENTRAL,
+    END,
+    END64,
+    LOCAL,
+    LOCAL_FIELDS,
+    LOCATOR64,
+    MASK16,
+    MASK32,
+)
 
-ZIP64_LIMIT = 0xFFFFFFFF  # sizes and offsets at or above this need zip64 fields
-MASK32, MASK16 = 0xFFFFFFFF, 0xFFFF  # what a 32/16-bit field holds when zip64 has the value
 STORED, DEFLATED = 0, 8
 UTF8_FLAG = 0x800  # the member name is UTF-8 (else cp437)
 CRAFTED = "the file is corrupt or crafted"
-LOCAL = struct.Struct("<IHHHHHIIIHH")
-CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
-END = struct.Struct("<IHHHHIIH")
-END64 = struct.Struct("<IQHHIIQQQQ")
-LOCATOR64 = struct.Struct("<IIQI")
 # The central directory fields read: signature, flags, method, CRC, sizes, name/extra/
 # comment lengths, local header offset.
 CENTRAL_FIELDS = struct.Struct("<4s4xHH4xIIIHHH8xI")
-# The local header fields checked against the central directory: signature, flags,
-# method, sizes, name and extra lengths.
-LOCAL_FIELDS = struct.Struct("<I2xHH8xIIHH")
 
 
 class Member(NamedTuple):

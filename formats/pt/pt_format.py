@@ -34,7 +34,9 @@ from . import sharded_bin
 NAME = "pt"
 EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".params", ".pkl")
 DESCRIPTION = "PyTorch torch.save (zip archive and legacy format); weights-only reading"
-CAPABILITIES = Capabilities(writes=True, holds=("weights", "module", "torchscript"))
+CAPABILITIES = Capabilities(
+    writes=True, holds=("weights", "module", "torchscript"), metadata=False
+)
 FEATURES = "containers, non-tensor leaves, tied weights; no free-form metadata"
 
 ZIP_MAGIC = b"PK\x03\x04"

@@ -28,7 +28,12 @@ from ..options import DEFAULT_OPTIONS, WriteOptions
 NAME = "safetensors"
 EXTENSIONS = (".safetensors", ".safetensors.index.json")
 DESCRIPTION = "safetensors, single file or Hugging Face sharded folder (--shard-size)"
-CAPABILITIES = Capabilities(writes=True, write_options=frozenset({"shard_size"}))
+CAPABILITIES = Capabilities(
+    writes=True,
+    write_options=frozenset({"shard_size"}),
+    dtypes=frozenset(name for name, d in dtypes.DTYPES.items() if d.safetensors),
+    reserved_names=frozenset({"__metadata__"}),  # the header's metadata key
+)
 FEATURES = "flat tensors; containers, aliases and metadata kept in __metadata__"
 
 MAX_HEADER = 100_000_000  # the reference implementation's limit

@@ -50,9 +50,9 @@ HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus"
 NNCONV_CODE = (ROOT / "formats", ROOT / "converter")
 
-EXAMPLES = 2_000  # distinct mutated inputs per reader in the default test run
+EXAMPLES = 5_600  # distinct mutated inputs in the default test run, shared by the readers
 LONG_EXAMPLES = 100_000  # ... with NNCONV_FUZZ_LONG=1
-CLI_EXAMPLES = 50  # mutated files per reader run through ``nnconv inspect``
+CLI_EXAMPLES = 30  # mutated files per reader run through ``nnconv inspect``
 BATCH = 2_000  # examples per hypothesis run; each run has its own fixed seed
 CPU_LIMIT_S = 2.0  # CPU seconds one input may take (detect + read + load every tensor)
 C_HANG_S = CPU_LIMIT_S + 0.5  # CPU seconds after which the supervisor stops waiting
@@ -66,7 +66,9 @@ def long_mode() -> bool:
 
 
 def examples_per_reader() -> int:
-    return LONG_EXAMPLES if long_mode() else EXAMPLES
+    """The default run's budget split over the readers (at least 800 each), so that a new
+    format adds its share of coverage, not its share of CI time; long mode: each its own."""
+    return LONG_EXAMPLES if long_mode() else max(800, EXAMPLES // len(SEEDS))
 
 
 # --- the property (runs in the worker) ---------------------------------------
