@@ -21,7 +21,7 @@ TRUST_HELP = (
 )
 
 
-class _Checked(click.ParamType):
+class _Checked(click.ParamType):  # type: ignore[type-arg]
     """A value the library parses: its error becomes click's, the value passes on."""
 
     def __init__(self, name: str, parse: Callable[[str], Any], keep_text: bool = False) -> None:

@@ -14,7 +14,7 @@ import os
 import stat
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 from . import paths, sharding
 from .adapter import COMMON_OPTIONS, Adapter, Capabilities
@@ -24,7 +24,7 @@ from .hdf5 import hdf5_format
 from .npz import npz_format
 from .onnx import onnx_format
 from .options import WriteOptions
-from .pt import pt_format
+from .pt import pt_format, sharded_bin
 from .pt2 import pt2_format
 from .safetensors import safetensors_format
 
@@ -111,8 +111,9 @@ def detect(path: str | os.PathLike[str], *, format: str | None = None) -> Adapte
         raise FormatError(path, "file is empty")
     if path.is_dir():
         _check_folder(path)
+    found: Adapter | None
     if path.is_dir() and weights_file(path) != path:  # save_pretrained's pytorch_model.bin
-        found = pt_format  # type: ignore[assignment]
+        found = cast(Adapter, pt_format)
     else:
         found = next((a for a in ADAPTERS.values() if a.sniff(path, head)), None)
     if forced is not None:
@@ -155,7 +156,7 @@ def weights_file(path: Path) -> Path:
     """The one weight file of a folder ``save_pretrained`` wrote in the old format
     (``config.json`` beside a single ``pytorch_model.bin``, no safetensors), or the index
     of its ``pytorch_model-*.bin`` shards (``pytorch_model.bin.index.json``); else ``path``."""
-    if path.is_dir() and (index := pt_format.sharded_bin.index_of(path)) is not None:
+    if path.is_dir() and (index := sharded_bin.index_of(path)) is not None:
         return index
     names = os.listdir(path) if path.is_dir() else []
     weights = [n for n in names if n.endswith((".bin", ".safetensors", ".index.json"))]
